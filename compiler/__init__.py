@@ -1,0 +1,1 @@
+"""Frontend, pass pipeline, passes, sample data and verification."""

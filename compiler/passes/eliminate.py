@@ -1,0 +1,68 @@
+"""Removal passes: nodes that compute nothing at inference time, and nodes nobody reads.
+
+remove-identity:  x -> Identity -> Dropout(eval) -> y   becomes   x -> y
+dead-code:        nodes, weights and opset imports that no graph output depends on are dropped
+dedupe:           identical subexpressions and identical weights are computed/stored once
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.rewriter.rules.common import dropout_inference_rule, dropout_zero_rule
+
+from edgec.compiler.passes._rules import RulesPass
+
+
+class RemoveIdentity(RulesPass):
+    name = "remove-identity"
+    summary = "drop Identity and inference-mode Dropout nodes"
+    rules = [dropout_inference_rule, dropout_zero_rule]
+
+    def __call__(self, model: ir.Model) -> dict[str, int]:
+        changes = super().__call__(model)
+        changes["identities"] = _remove_identities(model)
+        common.RemoveUnusedNodesPass()(model)
+        return changes
+
+
+def _remove_identities(model: ir.Model) -> int:
+    """Bypass Identity nodes whose output is not a graph output.
+
+    onnx_ir's IdentityEliminationPass also rewires graph outputs, which breaks on If/Loop
+    bodies whose output is an outer-scope value (Silero VAD); those few nodes stay.
+    """
+    removed = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        out.replace_all_uses_with(node.inputs[0])
+        node.graph.remove(node, safe=True)
+        removed += 1
+    return removed
+
+
+class DeadCode:
+    name = "dead-code"
+    summary = "remove nodes, weights, functions and opsets no output depends on"
+
+    def __call__(self, model: ir.Model) -> dict[str, int]:
+        weights = len(model.graph.initializers)
+        for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()):
+            p(model)
+        return {"weights_removed": weights - len(model.graph.initializers)}
+
+
+class Dedupe:
+    name = "dedupe"
+    summary = "compute identical subexpressions once and store identical weights once"
+
+    def __call__(self, model: ir.Model) -> dict[str, int]:
+        weights = len(model.graph.initializers)
+        common.DeduplicateInitializersPass()(model)
+        common.CommonSubexpressionEliminationPass()(model)
+        common.RemoveUnusedNodesPass()(model)
+        return {"weights_merged": weights - len(model.graph.initializers)}

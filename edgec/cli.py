@@ -1,0 +1,276 @@
+"""The ``edgec`` command line: compile, inspect, run, bench, targets.
+
+Errors print one line (``--debug`` adds the traceback) and exit 1 (failed) or 2 (bad usage/input).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from edgec.errors import EdgecError, InputError
+
+out = Console()
+err = Console(stderr=True)
+
+
+class EdgecGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgecError as exc:
+            if ctx.params.get("debug"):
+                raise
+            err.print(f"[bold red]error:[/] {escape(str(exc.args[0] if exc.args else exc))}", highlight=False)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=EdgecGroup)
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(package_name="edgec")
+def main(debug: bool) -> None:
+    """edgec: compile ONNX models into verified on-device bundles, and run them."""
+
+
+def _shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
+    from edgec.compiler.frontend import parse_input_shapes
+
+    return parse_input_shapes(specs)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", default="cpu", show_default=True, help="Target to compile for (see `edgec targets`).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Bundle to write (NAME.edgec, or NAME.zip for one file).")
+@click.option("--input-shape", multiple=True, metavar="NAME=D1,D2,...", help="Fix an input's shape in the artifact.")
+@click.option("--sample-shape", multiple=True, metavar="NAME=D1,D2,...", help="Shape of generated verification inputs (the artifact stays dynamic).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Real inputs: a .npz, or a folder of .npz/.npy files.")
+@click.option("--samples", default=4, show_default=True, help="How many samples to verify with.")
+@click.option("--tolerance", default=1e-3, show_default=True, help="Largest allowed error relative to the output's magnitude.")
+@click.option("--disable-pass", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
+@click.option("--check-each-pass", is_flag=True, help="Check the model after every pass.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--zip", "as_zip", is_flag=True, help="Write the single-file zip form (also implied by -o NAME.zip).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def compile(model, target, output, input_shape, sample_shape, calib, samples, tolerance, disable_pass, check_each_pass, force, as_zip, quiet, as_json):
+    """Compile MODEL (.onnx) for a target into a verified bundle."""
+    import edgec
+
+    if output is None:
+        output = Path(f"{model.stem}.edgec" + (".zip" if as_zip else ""))
+    elif as_zip and output.suffix != ".zip":
+        output = output.with_name(output.name + ".zip")
+    show = not quiet and not as_json
+    with err.status("compiling", spinner="dots") if show else _nothing() as status:
+        bundle = edgec.compile(
+            model, target, output,
+            input_shapes=_shapes(input_shape), sample_shapes=_shapes(sample_shape), calib=calib,
+            samples_count=samples, tolerance=tolerance, disable_passes=disable_pass,
+            check_each_pass=check_each_pass, force=force,
+            progress=(lambda msg: status.update(msg)) if show else None,
+        )
+    if as_json:
+        click.echo(json.dumps(bundle.manifest, indent=2))
+    elif not quiet:
+        _summary(bundle.manifest, output)
+    bundle.close()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _summary(m: dict, output: Path) -> None:
+    v = m["verification"]
+    worst = v["outputs"][v["worst_output"]]
+    size = sum(f["size"] for f in m["files"].values())
+    nodes = (m["passes"][0]["nodes_before"], m["passes"][-1]["nodes_after"]) if m["passes"] else (0, 0)
+    devices = ", ".join(f"{n} on {d}" for d, n in m["placement"]["devices"].items())
+    out.print(f"[green]✓[/] {output}  target={m['target']}  {size / 1e6:.1f} MB  nodes {nodes[0]} → {nodes[1]}")
+    out.print(f"  verified on {v['samples']} {v['data']} samples: max abs err {worst['max_abs']:.3g}, cosine {worst['cosine']:.6f}"
+              + (f", top-1 {worst['top1']:.3f}" if "top1" in worst else ""))
+    out.print(f"  placement: {devices}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--nodes", is_flag=True, help="List every node's placement.")
+def inspect(bundle, as_json, nodes):
+    """Show a bundle: signature, passes, verification, placement, sizes."""
+    from edgec.bundle import open_bundle
+
+    b = open_bundle(bundle)
+    try:
+        m = b.manifest
+        placement = json.loads((b.path / "reports" / "placement.json").read_text()) if "reports/placement.json" in m["files"] else []
+        if as_json:
+            click.echo(json.dumps({**m, "placement_nodes": placement} if nodes else m, indent=2))
+            return
+        _inspect(m, placement, nodes)
+    finally:
+        b.close()
+
+
+def _inspect(m: dict, placement: list[dict], nodes: bool) -> None:
+    from edgec.signature import show_shape
+
+    src = m["source"]
+    out.print(f"[bold]{m['name']}[/]  target [cyan]{m['target']}[/]  schema {m['schema_version']}  created {m['created']}")
+    out.print(f"source {src['path']}  sha256 {src['sha256'][:16]}…  {src['size'] / 1e6:.2f} MB  opset {src['opset']} → {m['opset']}")
+    sig = Table("", "name", "dtype", "shape", title="signature", title_justify="left")
+    for kind in ("inputs", "outputs"):
+        for s in m[kind]:
+            sig.add_row(kind[:-1], escape(s["name"]), s["dtype"] or "?", escape(show_shape(s["shape"])))
+    out.print(sig)
+    files = Table("file", "bytes", "sha256", title="files", title_justify="left")
+    for name, f in m["files"].items():
+        files.add_row(name, f"{f['size']:,}", f["sha256"][:16] + "…")
+    out.print(files)
+    passes = Table("pass", "nodes", "weight bytes", "ms", "changes", title="passes", title_justify="left")
+    for p in m["passes"]:
+        changes = ", ".join(f"{k} {v}" for k, v in p["changes"].items() if v)
+        passes.add_row(p["name"], f"{p['nodes_before']} → {p['nodes_after']}", f"{p['bytes_before']:,} → {p['bytes_after']:,}", f"{p['ms']:.1f}", changes)
+    out.print(passes)
+    v = m["verification"]
+    ver = Table("output", "max abs", "mean abs", "rel err", "cosine", "top-1",
+                title=f"verification: {v['samples']} {v['data']} samples, tolerance {v['tolerance']:g}, {'passed' if v['passed'] else 'FAILED'}",
+                title_justify="left")
+    for name, o in v["outputs"].items():
+        ver.add_row(name, f"{o['max_abs']:.3g}", f"{o['mean_abs']:.3g}", f"{o['rel_err']:.3g}", f"{o['cosine']:.6f}",
+                    f"{o['top1']:.4f}" if "top1" in o else "-")
+    out.print(ver)
+    ops: dict[tuple[str, str], int] = {}
+    for p in placement:
+        ops[(p["op"], p["device"])] = ops.get((p["op"], p["device"]), 0) + 1
+    place = Table("op", "count", "runs on", title="placement by op", title_justify="left")
+    for (op, device), count in sorted(ops.items(), key=lambda kv: -kv[1]):
+        place.add_row(op, str(count), device)
+    out.print(place)
+    for f in m["placement"]["fallbacks"]:
+        out.print(f"  [yellow]fallback[/] {escape(f['node'])} ({f['op']}) → {f['device']}: {escape(f['reason'])}")
+    if nodes:
+        table = Table("node", "op", "device", "reason", title="nodes", title_justify="left")
+        for p in placement:
+            table.add_row(escape(p["node"]), p["op"], p["device"], escape(p["reason"]))
+        out.print(table)
+    out.print(escape(f"runtime {m['runtime']}"))
+    out.print("tools " + ", ".join(f"{k} {v}" for k, v in m["tools"].items() if k != "platform"))
+
+
+def _read_inputs(specs: tuple[str, ...], inputs: list[dict]) -> dict[str, np.ndarray]:
+    """``--input x=a.npy`` (repeatable) or ``--input all.npz``."""
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        path = Path(file if sep else name)
+        if not path.is_file():
+            raise InputError(f"--input {spec}: no such file {path}")
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as data:
+                    feeds.update({k: data[k] for k in data.files})
+            else:
+                if not sep:
+                    if len(inputs) != 1:
+                        raise InputError(f"--input {spec}: name the input (NAME=FILE.npy); inputs are {[i['name'] for i in inputs]}")
+                    name = inputs[0]["name"]
+                feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise InputError(f"--input {spec}: not a readable .npy/.npz file ({exc})") from None
+    return feeds
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--input", "-i", "input_specs", multiple=True, metavar="NAME=FILE.npy | FILE.npz", help="Input tensors.")
+@click.option("--output-dir", type=click.Path(path_type=Path), help="Write each output as NAME.npy here.")
+@click.option("--json", "as_json", is_flag=True, help="Print output names, shapes and stats as JSON.")
+def run(bundle, input_specs, output_dir, as_json):
+    """Run a bundle on input tensors."""
+    import edgec
+
+    with edgec.load(bundle) as model:
+        feeds = _read_inputs(input_specs, model.inputs)
+        if not feeds:
+            raise InputError(f"no inputs given; the model takes {[i['name'] for i in model.inputs]}: use --input NAME=FILE.npy")
+        results = model.run(feeds)
+    if output_dir:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name, value in results.items():
+            np.save(output_dir / f"{_safe_name(name)}.npy", value)
+    summary = {name: {"shape": list(v.shape), "dtype": str(v.dtype), "min": float(v.min()) if v.size else None,
+                      "max": float(v.max()) if v.size else None} for name, v in results.items()}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for name, s in summary.items():
+            out.print(escape(f"{name}: {s['dtype']} {s['shape']}  min {s['min']:.4g}  max {s['max']:.4g}"))
+        if output_dir:
+            out.print(f"outputs written to {output_dir}/")
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(path_type=Path), help="The source .onnx to compare against (ORT, default settings).")
+@click.option("--shape", multiple=True, metavar="NAME=D1,D2,...", help="Shapes of generated inputs for dynamic dims.")
+@click.option("--input", "-i", "input_specs", multiple=True, metavar="NAME=FILE.npy | FILE.npz", help="Real inputs instead.")
+@click.option("--repeats", default=30, show_default=True, help="Timed runs per side.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def bench(bundle, baseline, shape, input_specs, repeats, as_json):
+    """Latency p50/p90, load time and peak RSS of BUNDLE, and the ratio against --baseline."""
+    import edgec
+    from edgec.compiler import samples
+    from edgec.runtime.bench import bench_bundle
+
+    if baseline is not None and not baseline.is_file():
+        raise InputError(f"--baseline {baseline}: no such file")
+    with edgec.load(bundle) as model:
+        feeds = _read_inputs(input_specs, model.inputs) or next(
+            samples.generate(samples.with_shapes(model.inputs, _shapes(shape)), 1)
+        )
+    r = bench_bundle(bundle, baseline, feeds, repeats=repeats)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    table = Table("", "p50 ms", "p90 ms", "load ms", "peak RSS MB", title=escape(f"{bundle}  inputs {r['inputs']}"), title_justify="left")
+    for side in ("bundle", "baseline"):
+        if side in r:
+            s = r[side]
+            table.add_row(side, f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}", f"{s['load_ms']:.1f}", f"{s['peak_rss_mb']:.0f}")
+    out.print(table)
+    if "latency_ratio" in r:
+        out.print(f"latency ratio bundle/baseline {r['latency_ratio']:.3f}   load ratio {r['load_ratio']:.3f}"
+                  f"   (first load, filling the cache: {r['bundle']['first_load_ms']:.1f} ms)")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def targets(as_json):
+    """Every known target, and whether it can run here."""
+    from edgec.targets import TARGETS
+
+    described = [t().describe() for t in TARGETS.values()]
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    table = Table("target", "devices", "artifact", "runs here", "backend")
+    for d in described:
+        table.add_row(d["name"], d["devices"], d["artifact"], ("yes: " if d["runs_here"] else "no: ") + d["why"], d["backend"])
+    out.print(table)

@@ -1,0 +1,1 @@
+"""Model-specific pre/post-processing for edgec."""

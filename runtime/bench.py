@@ -1,0 +1,118 @@
+"""Benchmarks: a bundle against a baseline measured in the same run on the same machine.
+
+Latency runs are interleaved (bundle, baseline, baseline, bundle, ...) so drift in clock speed
+or background load hits both sides alike; figures are medians/p90 and the ratio bundle/baseline.
+Peak RSS is measured in a fresh subprocess per side, since one process's peak mixes both.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgec.runtime import ort as ort_backend
+
+Runner = Callable[[], object]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q))
+
+
+def interleaved(a: Runner, b: Runner, repeats: int, warmup: int = 3) -> tuple[list[float], list[float]]:
+    """Time ``a`` and ``b`` alternately (ABBA order); returns seconds per call for each."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for i in range(repeats):
+        order = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
+        for fn, out in order:
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return ta, tb
+
+
+def median_time(fn: Runner, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_bundle(bundle_path: Path, baseline: Path | None, feeds: dict[str, np.ndarray], repeats: int = 30, loads: int = 5) -> dict:
+    """Latency p50/p90, load time and peak RSS of a bundle and, if given, of the baseline ONNX file."""
+    import edgec
+
+    model = edgec.load(bundle_path)  # first load fills the optimized-graph cache
+    first_load = model.load_seconds
+    result: dict = {"bundle": str(bundle_path), "inputs": {k: list(v.shape) for k, v in feeds.items()}, "repeats": repeats}
+    bundle_load = median_time(lambda: edgec.load(bundle_path).close(), loads)
+    run_bundle = lambda: model.run(feeds)  # noqa: E731
+    sides = {"bundle": {"load_ms": bundle_load * 1e3, "first_load_ms": first_load * 1e3}}
+    if baseline is not None:
+        settings = ort_backend.DEFAULT_SETTINGS
+        base_load = median_time(lambda: ort_backend.create_session(baseline, settings, cache=False), loads)
+        session = ort_backend.create_session(baseline, settings, cache=False)
+        run_base = lambda: ort_backend.run(session, feeds)  # noqa: E731
+        tb, tr = interleaved(run_bundle, run_base, repeats)
+        sides["baseline"] = {"load_ms": base_load * 1e3}
+        times = {"bundle": tb, "baseline": tr}
+    else:
+        times = {"bundle": [median_time(run_bundle, 1) for _ in range(repeats)]}
+    for side, values in times.items():
+        sides[side]["p50_ms"] = _percentile(values, 50) * 1e3
+        sides[side]["p90_ms"] = _percentile(values, 90) * 1e3
+    sides["bundle"]["peak_rss_mb"] = peak_rss_mb("bundle", bundle_path, feeds)
+    if baseline is not None:
+        sides["baseline"]["peak_rss_mb"] = peak_rss_mb("onnx", baseline, feeds)
+        result["latency_ratio"] = sides["bundle"]["p50_ms"] / sides["baseline"]["p50_ms"]
+        result["load_ratio"] = sides["bundle"]["load_ms"] / sides["baseline"]["load_ms"]
+        result["baseline"] = str(baseline)
+    result.update(sides)
+    model.close()
+    return result
+
+
+def peak_rss_mb(kind: str, path: Path, feeds: dict[str, np.ndarray], runs: int = 3) -> float:
+    """Peak resident memory of a fresh process that loads ``path`` and runs it ``runs`` times."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "feeds.npz", **feeds)
+        out = subprocess.run(
+            [sys.executable, "-m", "edgec.runtime.bench", kind, str(path), str(Path(tmp) / "feeds.npz"), str(runs)],
+            capture_output=True, text=True, check=True,
+        )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def _child(kind: str, path: str, feeds_file: str, runs: int) -> None:
+    feeds = dict(np.load(feeds_file))
+    if kind == "bundle":
+        import edgec
+
+        run = edgec.load(path).run
+    else:
+        session = ort_backend.create_session(Path(path), ort_backend.DEFAULT_SETTINGS, cache=False)
+        run = lambda f: ort_backend.run(session, f)  # noqa: E731
+    for _ in range(runs):
+        run(feeds)
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / (1024 * 1024)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -1,0 +1,91 @@
+"""The ``cpu`` target: x86-64 and arm64 CPUs through ONNX Runtime.
+
+Writes ``model.onnx`` (the optimized graph, portable across CPUs and ORT builds) and
+``model.ort`` (the same in ORT format, for ORT Mobile and minimal builds) plus
+``required_operators.config`` for building a reduced-operator ORT. Placement checks each node
+against the kernels of the onnxruntime installed here.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import onnx_ir as ir
+import onnxruntime as ort
+
+from edgec.compiler.passes import DEFAULT_PASSES
+from edgec.errors import UnsupportedOpError
+from edgec.runtime import ort as ort_backend
+from edgec.targets.base import Lowered, NodePlacement, node_label
+
+#: ONNX files over this size keep their weights in an external data file (protobuf's 2 GiB limit).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+class CpuTarget:
+    name = "cpu"
+    passes = DEFAULT_PASSES
+    allows_dynamic_shapes = True
+
+    def describe(self) -> dict:
+        ok, why = self.can_run_here()
+        return {
+            "name": self.name,
+            "devices": "x86-64 and arm64 CPUs (laptops, desktops, Raspberry Pi 4/5, phones via ORT Mobile)",
+            "artifact": "model.onnx + model.ort",
+            "backend": f"onnxruntime {ort.__version__}",
+            "dtypes": ["float32", "float16", "int8 (QDQ)", "int4 (MatMulNBits)"],
+            "dynamic_shapes": True,
+            "runs_here": ok,
+            "why": why,
+            "ops": "every op with a CPU kernel in the installed onnxruntime; others are refused at compile time",
+        }
+
+    def can_run_here(self) -> tuple[bool, str]:
+        return True, f"onnxruntime {ort.__version__} CPUExecutionProvider on {platform.machine()}"
+
+    def placement(self, model: ir.Model) -> list[NodePlacement]:
+        report = []
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            opset = model.opset_imports.get(node.domain, model.opset_imports.get("", 0))
+            kernel = ort_backend.kernel_for(node.domain, node.op_type, opset)
+            op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+            name = node_label(node)
+            if kernel:
+                report.append(NodePlacement(name, op, "cpu", kernel))
+            else:
+                reason = f"onnxruntime {ort.__version__} has no CPU kernel for {op} at opset {opset}"
+                report.append(NodePlacement(name, op, "none", reason))
+        return report
+
+    def lower(self, model: ir.Model, out_dir: Path, options: dict) -> Lowered:
+        unplaced = [p for p in self.placement(model) if p.device == "none"]
+        if unplaced:
+            p = unplaced[0]
+            more = f" (and {len(unplaced) - 1} more nodes)" if len(unplaced) > 1 else ""
+            raise UnsupportedOpError(f"node {p.node!r} ({p.op}): target cpu cannot run it: {p.reason}{more}")
+        artifact = out_dir / "model.onnx"
+        files = ["model.onnx"]
+        proto = ir.serde.serialize_model(model)
+        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            ir.save(model, artifact, external_data="model.onnx.data")
+            files.append("model.onnx.data")
+        else:
+            artifact.write_bytes(proto.SerializeToString())
+        if options.get("ort_format", True):
+            ort_backend.write_ort_format(artifact, out_dir / "model.ort")
+            _write_required_operators(out_dir / "model.ort", out_dir / "required_operators.config")
+            files += ["model.ort", "required_operators.config"]
+        settings = {"backend": "onnxruntime", **ort_backend.DEFAULT_SETTINGS}
+        return Lowered(artifact="model.onnx", files=files, runtime=settings)
+
+
+def _write_required_operators(ort_model: Path, config: Path) -> None:
+    """The operator list a reduced-size ORT build needs (``--include_ops_by_config``)."""
+    import logging
+
+    from onnxruntime.tools.ort_format_model.utils import create_config_from_models
+
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
+    create_config_from_models([ort_model], config, enable_type_reduction=False)
