@@ -130,6 +130,15 @@ def to_internal_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         ) from None
 
 
+def normalize_dynamic_dims(proto: onnx.ModelProto) -> None:
+    """Exporters mark dynamic dims as -1 or 0 (Paddle does); ONNX's way is a dim without a value."""
+    for value in [*proto.graph.input, *proto.graph.output]:
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.Clear()
+                dim.dim_param = f"{value.name}_dim{i}"
+
+
 def fix_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
     """Write user-given shapes into the graph inputs, checking names, ranks and static dims."""
     inputs = {i.name: i for i in proto.graph.input}
@@ -140,7 +149,7 @@ def fix_input_shapes(proto: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
         if len(shape.dim) and len(shape.dim) != len(dims):
             raise ShapeError(f"--input-shape {name}: model input has rank {len(shape.dim)}, got {len(dims)} dims")
         for i, (dim, value) in enumerate(zip(shape.dim, dims)):
-            if dim.HasField("dim_value") and dim.dim_value not in (0, value):
+            if dim.HasField("dim_value") and dim.dim_value != value:
                 raise ShapeError(f"--input-shape {name}: dim {i} is fixed to {dim.dim_value} in the model, got {value}")
         shape.ClearField("dim")
         for value in dims:
@@ -173,6 +182,7 @@ def load(path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = No
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelLoadError(f"{path}: the ONNX graph does not check: {first}") from None
+    normalize_dynamic_dims(proto)
     fix_input_shapes(proto, input_shapes or {})
     check_input_sizes(proto)
     proto = to_internal_opset(proto, path)

@@ -40,6 +40,11 @@ class Model:
     def name(self) -> str:
         return self.manifest.get("name", self.bundle.source.stem)
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The source model's metadata (e.g. an OCR recognizer's character list)."""
+        return self.manifest["source"].get("metadata", {})
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return ort_backend.run(self._session, check_inputs(feeds, self.inputs))
 
