@@ -55,8 +55,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int]]:
-    """``["x=1,3,640,640"]`` -> ``{"x": [1, 3, 640, 640]}``."""
+def parse_input_shapes(specs: list[str] | tuple[str, ...], flag: str = "--input-shape") -> dict[str, list[int]]:
+    """``["x=1,3,640,640"]`` -> ``{"x": [1, 3, 640, 640]}``; ``flag`` is the option named in errors."""
     shapes: dict[str, list[int]] = {}
     for spec in specs:
         name, sep, dims = spec.partition("=")
@@ -64,9 +64,9 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, list[int
             parsed = [int(d) for d in dims.split(",")] if sep and dims else None
         except ValueError:
             parsed = None
-        if not name or parsed is None or any(d < 1 for d in parsed):
+        if not name or parsed is None or any(not 1 <= d < 2**63 for d in parsed):  # ONNX dims are int64
             raise ShapeError(
-                f"--input-shape {spec!r}: expected NAME=D1,D2,... with positive integers, e.g. x=1,3,640,640"
+                f"{flag} {spec!r}: expected NAME=D1,D2,... with positive integers, e.g. x=1,3,640,640"
             )
         shapes[name] = parsed
     return shapes

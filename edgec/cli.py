@@ -28,7 +28,8 @@ class EdgecGroup(click.Group):
         except EdgecError as exc:
             if ctx.params.get("debug"):
                 raise
-            err.print(f"[bold red]error:[/] {escape(str(exc.args[0] if exc.args else exc))}", highlight=False)
+            # soft_wrap: one line even when piped (rich would wrap at 80 columns, splitting paths)
+            err.print(f"[bold red]error:[/] {escape(str(exc.args[0] if exc.args else exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
 
 
@@ -39,10 +40,10 @@ def main(debug: bool) -> None:
     """edgec: compile ONNX models into verified on-device bundles, and run them."""
 
 
-def _shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
+def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
     from edgec.compiler.frontend import parse_input_shapes
 
-    return parse_input_shapes(specs)
+    return parse_input_shapes(specs, flag)
 
 
 @main.command()
@@ -52,7 +53,7 @@ def _shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
 @click.option("--input-shape", multiple=True, metavar="NAME=D1,D2,...", help="Fix an input's shape in the artifact.")
 @click.option("--sample-shape", multiple=True, metavar="NAME=D1,D2,...", help="Shape of generated verification inputs (the artifact stays dynamic).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Real inputs: a .npz, or a folder of .npz/.npy files.")
-@click.option("--samples", default=4, show_default=True, help="How many samples to verify with.")
+@click.option("--samples", default=4, show_default=True, type=click.IntRange(min=1), help="How many samples to verify with.")
 @click.option("--tolerance", default=1e-3, show_default=True, help="Largest allowed error relative to the output's magnitude.")
 @click.option("--disable-pass", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
 @click.option("--check-each-pass", is_flag=True, help="Check the model after every pass.")
@@ -72,7 +73,7 @@ def compile(model, target, output, input_shape, sample_shape, calib, samples, to
     with err.status("compiling", spinner="dots") if show else _nothing() as status:
         bundle = edgec.compile(
             model, target, output,
-            input_shapes=_shapes(input_shape), sample_shapes=_shapes(sample_shape), calib=calib,
+            input_shapes=_shapes(input_shape, "--input-shape"), sample_shapes=_shapes(sample_shape, "--sample-shape"), calib=calib,
             samples_count=samples, tolerance=tolerance, disable_passes=disable_pass,
             check_each_pass=check_each_pass, force=force,
             progress=(lambda msg: status.update(msg)) if show else None,
@@ -232,8 +233,9 @@ def _safe_name(name: str) -> str:
 @click.option("--shape", multiple=True, metavar="NAME=D1,D2,...", help="Shapes of generated inputs for dynamic dims.")
 @click.option("--input", "-i", "input_specs", multiple=True, metavar="NAME=FILE.npy | FILE.npz", help="Real inputs instead.")
 @click.option("--repeats", default=30, show_default=True, help="Timed runs per side.")
+@click.option("--threads", default=0, show_default=True, help="ORT intra-op threads for both sides (0: one per core).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def bench(bundle, baseline, shape, input_specs, repeats, as_json):
+def bench(bundle, baseline, shape, input_specs, repeats, threads, as_json):
     """Latency p50/p90, load time and peak RSS of BUNDLE, and the ratio against --baseline."""
     import edgec
     from edgec.compiler import samples
@@ -243,9 +245,9 @@ def bench(bundle, baseline, shape, input_specs, repeats, as_json):
         raise InputError(f"--baseline {baseline}: no such file")
     with edgec.load(bundle) as model:
         feeds = _read_inputs(input_specs, model.inputs) or next(
-            samples.generate(samples.with_shapes(model.inputs, _shapes(shape)), 1)
+            samples.generate(samples.with_shapes(model.inputs, _shapes(shape, "--shape")), 1)
         )
-    r = bench_bundle(bundle, baseline, feeds, repeats=repeats)
+    r = bench_bundle(bundle, baseline, feeds, repeats=repeats, threads=threads)
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return

@@ -51,18 +51,23 @@ def median_time(fn: Runner, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_bundle(bundle_path: Path, baseline: Path | None, feeds: dict[str, np.ndarray], repeats: int = 30, loads: int = 5) -> dict:
-    """Latency p50/p90, load time and peak RSS of a bundle and, if given, of the baseline ONNX file."""
+def bench_bundle(
+    bundle_path: Path, baseline: Path | None, feeds: dict[str, np.ndarray], repeats: int = 30, loads: int = 5, threads: int = 0
+) -> dict:
+    """Latency p50/p90, load time and peak RSS of a bundle and, if given, of the baseline ONNX file.
+
+    ``threads`` is ORT's intra-op thread count for both sides (0: ORT's default, one per core).
+    """
     import edgec
 
-    model = edgec.load(bundle_path)  # first load fills the optimized-graph cache
+    model = edgec.load(bundle_path, threads=threads)  # first load fills the optimized-graph cache
     first_load = model.load_seconds
-    result: dict = {"bundle": str(bundle_path), "inputs": {k: list(v.shape) for k, v in feeds.items()}, "repeats": repeats}
-    bundle_load = median_time(lambda: edgec.load(bundle_path).close(), loads)
+    result: dict = {"bundle": str(bundle_path), "inputs": {k: list(v.shape) for k, v in feeds.items()}, "repeats": repeats, "threads": threads}
+    bundle_load = median_time(lambda: edgec.load(bundle_path, threads=threads).close(), loads)
     run_bundle = lambda: model.run(feeds)  # noqa: E731
     sides = {"bundle": {"load_ms": bundle_load * 1e3, "first_load_ms": first_load * 1e3}}
     if baseline is not None:
-        settings = ort_backend.DEFAULT_SETTINGS
+        settings = {**ort_backend.DEFAULT_SETTINGS, "intra_op_num_threads": threads}
         base_load = median_time(lambda: ort_backend.create_session(baseline, settings, cache=False), loads)
         session = ort_backend.create_session(baseline, settings, cache=False)
         run_base = lambda: ort_backend.run(session, feeds)  # noqa: E731
