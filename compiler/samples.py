@@ -105,6 +105,9 @@ def with_shapes(signature: list[dict], shapes: dict[str, list[int]]) -> list[dic
             shape = shapes[s["name"]]
             if s["shape"] is not None and len(s["shape"]) != len(shape):
                 raise ShapeError(f"--sample-shape {s['name']}: the input has rank {len(s['shape'])}, got {len(shape)} dims")
+            for i, (dim, value) in enumerate(zip(s["shape"] or [], shape)):
+                if isinstance(dim, int) and dim not in (0, value):  # as frontend.fix_input_shapes: 0 means unset
+                    raise ShapeError(f"--sample-shape {s['name']}: dim {i} is fixed to {dim} in the model, got {value}")
             s = {**s, "shape": shape}
         out.append(s)
     return out

@@ -28,8 +28,9 @@ class EdgecGroup(click.Group):
         except EdgecError as exc:
             if ctx.params.get("debug"):
                 raise
-            # soft_wrap: one line even when piped (rich would wrap at 80 columns, splitting paths)
-            err.print(f"[bold red]error:[/] {escape(str(exc.args[0] if exc.args else exc))}", highlight=False, soft_wrap=True)
+            # one line even when piped: rich would wrap at 80 columns, and backend messages carry newlines
+            message = " ".join(str(exc.args[0] if exc.args else exc).split())
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
 
 

@@ -9,32 +9,27 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxscript.rewriter.rules.common import dropout_inference_rule, dropout_zero_rule
-
-from edgec.compiler.passes._rules import RulesPass
 
 
-class RemoveIdentity(RulesPass):
+class RemoveIdentity:
     name = "remove-identity"
     summary = "drop Identity and inference-mode Dropout nodes"
-    rules = [dropout_inference_rule, dropout_zero_rule]
 
     def __call__(self, model: ir.Model) -> dict[str, int]:
-        changes = super().__call__(model)
-        changes["identities"] = _remove_identities(model)
+        removed = remove_identities(model)
         common.RemoveUnusedNodesPass()(model)
-        return changes
+        return {"removed": removed}
 
 
-def _remove_identities(model: ir.Model) -> int:
-    """Bypass Identity nodes whose output is not a graph output.
+def remove_identities(model: ir.Model) -> int:
+    """Bypass Identity and inference-mode Dropout nodes whose output is not a graph output.
 
     onnx_ir's IdentityEliminationPass also rewires graph outputs, which breaks on If/Loop
     bodies whose output is an outer-scope value (Silero VAD); those few nodes stay.
     """
     removed = 0
     for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
-        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx") or not (node.op_type == "Identity" or _is_inference_dropout(node)):
             continue
         out = node.outputs[0]
         if out.is_graph_output():
@@ -43,6 +38,22 @@ def _remove_identities(model: ir.Model) -> int:
         node.graph.remove(node, safe=True)
         removed += 1
     return removed
+
+
+def _is_inference_dropout(node: ir.Node) -> bool:
+    """Dropout with no training_mode input (or a constant False) and an unread mask.
+
+    onnxscript's dropout rules match the pre-opset-12 attributes, never the opset-18 inputs.
+    """
+    if node.op_type != "Dropout":
+        return False
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        return False
+    training = node.inputs[2] if len(node.inputs) > 2 else None
+    if training is None:
+        return True
+    value = ir.convenience.get_const_tensor(training)
+    return value is not None and not bool(value.numpy())
 
 
 class DeadCode:

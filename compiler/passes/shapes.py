@@ -8,6 +8,7 @@ Reshape shapes computed from static dims become constants.
 
 from __future__ import annotations
 
+import onnx_ir as ir
 from onnxscript.rewriter.rules.common import (
     collapse_slice2_rule,
     collapse_slice_rule,
@@ -16,6 +17,7 @@ from onnxscript.rewriter.rules.common import (
 from onnxscript.rewriter.rules.common._basic_rules import basic_optimization_rules
 
 from edgec.compiler.passes._rules import RulesPass
+from edgec.compiler.passes.eliminate import remove_identities
 
 
 class ShapeCleanup(RulesPass):
@@ -25,3 +27,9 @@ class ShapeCleanup(RulesPass):
     @property
     def rules(self):  # basic_optimization_rules() builds a fresh rule set each call
         return [*basic_optimization_rules().rules, collapse_slice_rule, collapse_slice2_rule, materialize_reshape_shape_rule]
+
+    def __call__(self, model: ir.Model) -> dict[str, int]:
+        # The no-op rules leave an Identity behind, and remove-identity has already run.
+        changes = super().__call__(model)
+        remove_identities(model)
+        return changes
