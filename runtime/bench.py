@@ -114,9 +114,18 @@ def _child(kind: str, path: str, feeds_file: str, runs: int) -> None:
         run = lambda f: ort_backend.run(session, f)  # noqa: E731
     for _ in range(runs):
         run(feeds)
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / (1024 * 1024)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}))
+    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}))
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM starts afresh at exec; ru_maxrss on Linux keeps the forking parent's peak.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
 
 
 if __name__ == "__main__":

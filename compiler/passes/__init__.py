@@ -5,12 +5,14 @@ from __future__ import annotations
 from edgec.compiler.passes.eliminate import DeadCode, Dedupe, RemoveIdentity
 from edgec.compiler.passes.fold_constants import FoldConstants
 from edgec.compiler.passes.fuse import FoldBatchNorm, FuseActivations
+from edgec.compiler.passes.scale_shift import FoldScaleShift
 from edgec.compiler.passes.shapes import ShapeCleanup
 from edgec.compiler.pipeline import Pass
 from edgec.errors import InputError
 
 PASSES: dict[str, type] = {
-    p.name: p for p in (RemoveIdentity, FoldConstants, ShapeCleanup, FoldBatchNorm, FuseActivations, Dedupe, DeadCode)
+    p.name: p
+    for p in (RemoveIdentity, FoldConstants, ShapeCleanup, FoldBatchNorm, FoldScaleShift, FuseActivations, Dedupe, DeadCode)
 }
 
 #: The canonical order: clean up, fold, simplify shapes, fuse, then sweep.

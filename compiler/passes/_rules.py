@@ -13,8 +13,9 @@ class RulesPass:
     name = ""
     summary = ""
     rules: list[pattern.RewriteRule] = []
+    commute = False  #: also match commuted forms (Mul(a, x) as well as Mul(x, a))
 
     def __call__(self, model: ir.Model) -> dict[str, int]:
-        applied = pattern.RewriteRuleSet(self.rules).apply_to_model(model)
+        applied = pattern.RewriteRuleSet(self.rules, commute=self.commute).apply_to_model(model)
         common.RemoveUnusedNodesPass()(model)
         return {"rewrites": applied}

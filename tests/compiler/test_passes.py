@@ -552,3 +552,65 @@ def test_ocr_classifier_default_pipeline():
     got = run(model, {"x": x})
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
+
+
+# --- fold-scale-shift ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scale, shift, bias, pads, folds",
+    [
+        (f32(1), f32(1), True, [1, 1, 1, 1], True),  # PP-LCNet's scalar affine after a Conv
+        (f32(1, 4, 1, 1), f32(4, 1, 1), False, [0, 0, 0, 0], True),  # per-channel, Conv without bias
+        (f32(1), None, True, [0, 0, 0, 0], True),  # scale only
+        (None, f32(1, 4, 1, 1), True, [0, 0, 0, 0], True),  # shift only
+        (f32(1, 1, 6, 1), None, True, [0, 0, 0, 0], False),  # varies along H: not per-channel
+    ],
+    ids=["scalar", "per-channel-no-bias", "scale-only", "shift-only", "spatial-scale"],
+)
+def test_fold_scale_shift_after_conv(scale, shift, bias, pads, folds):
+    weights = {"w": f32(4, 3, 3, 3)}
+    if bias:
+        weights["b"] = f32(4)
+    nodes, last = [helper.make_node("Conv", ["x", *(["w", "b"] if bias else ["w"])], ["c"], pads=pads)], "c"
+    if scale is not None:
+        weights["a"] = scale
+        nodes.append(helper.make_node("Mul", ["a", last], ["m"]))  # constant first, as PP-OCR has it
+        last = "m"
+    if shift is not None:
+        weights["s"] = shift
+        nodes.append(helper.make_node("Add", [last, "s"], ["y"]))
+    else:
+        nodes[-1].output[0] = "y"
+    out_hw = 8 if pads[0] else 6
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, out_hw, out_hw]}, weights)
+    apply("fold-scale-shift", model)
+    assert (ops(model) == {"Conv": 1}) is folds
+
+
+@pytest.mark.parametrize("pads, folds", [([0, 0, 0, 0], True), ([1, 1, 1, 1], False)], ids=["unpadded", "padded"])
+def test_fold_scale_shift_before_conv(pads, folds):
+    """Mul -> Add -> Conv folds only when no zero padding would escape the affine."""
+    weights = {"a": f32(1, 3, 1, 1), "s": f32(1, 3, 1, 1), "w": f32(4, 3, 1, 1), "b": f32(4)}
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Mul", ["r", "a"], ["m"]),
+        helper.make_node("Add", ["m", "s"], ["h"]),
+        helper.make_node("Conv", ["h", "w", "b"], ["y"], pads=pads),
+    ]
+    side = 8 if pads[0] == 0 else 10
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, side, side]}, weights)
+    apply("fold-scale-shift", model)
+    assert (ops(model) == {"Relu": 1, "Conv": 1}) is folds
+
+
+def test_fold_scale_shift_keeps_conv_output_read_elsewhere():
+    weights = {"w": f32(4, 3, 3, 3), "b": f32(4), "a": f32(1)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+        helper.make_node("Mul", ["c", "a"], ["y"]),
+        helper.make_node("Relu", ["c"], ["z"]),
+    ]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 6, 6], "z": [1, 4, 6, 6]}, weights)
+    apply("fold-scale-shift", model)
+    assert ops(model)["Mul"] == 1
