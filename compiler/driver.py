@@ -18,6 +18,8 @@ from edgec import targets as _targets
 from edgec.compiler import frontend, samples, verify
 from edgec.compiler.passes import build
 from edgec.compiler.pipeline import run_pipeline
+from edgec.compiler.quantize import QuantOptions
+from edgec.compiler.quantize import quantize as quantize_model
 from edgec.errors import ShapeError
 from edgec.runtime import ort as ort_backend
 
@@ -33,7 +35,9 @@ def compile_model(
     sample_shapes: dict[str, list[int]] | None = None,
     calib: str | os.PathLike | None = None,
     samples_count: int = 4,
-    tolerance: float = verify.DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
+    quantize: QuantOptions | str | None = None,
+    calib_samples: int = 64,
     disable_passes: list[str] | tuple[str, ...] = (),
     check_each_pass: bool = False,
     force: bool = False,
@@ -43,7 +47,16 @@ def compile_model(
 
     ``output`` defaults to ``NAME.edgec`` in the current folder; a name ending in ``.zip`` writes
     the single-file form. Nothing is written unless lowering and verification both succeed.
+    ``tolerance`` (relative error vs the source) defaults to 1e-3 for float bundles. ``quantize``
+    is a mode name or a ``QuantOptions``; a quantized bundle is held to ``tolerance`` only when one
+    is given (quantization changes outputs by design; its budget is ``max_accuracy_drop``).
     """
+    if isinstance(quantize, str):
+        quantize = QuantOptions(mode=quantize)
+    if quantize is not None:
+        quantize.check()
+    elif tolerance is None:
+        tolerance = verify.DEFAULT_TOLERANCE
     step = progress or (lambda _: None)
     tgt = _targets.get(target)
     source_path = Path(model)
@@ -57,12 +70,18 @@ def compile_model(
             name = samples.dynamic_inputs(inputs)[0]
             raise ShapeError(f"target {tgt.name} needs static shapes; input {name!r} is dynamic: pass --input-shape {name}=...")
         stats = run_pipeline(fe.model, passes, check_each_pass=check_each_pass, progress=lambda n: step(f"pass {n}"))
-        step("placement")
-        placement = tgt.placement(fe.model)
+        model, quant_report = fe.model, None
+        classes = verify.class_score_outputs(fe.model)
+        if quantize is not None:
+            real = calib is not None
+            feed = (lambda: samples.read_calib(calib, inputs, limit=calib_samples)) if real else None
+            model, quant_report = quantize_model(fe.model, quantize, feed, real, progress=step)
         step(f"lowering for {tgt.name}")
-        lowered = tgt.lower(fe.model, writer.dir, {})
+        lowered = tgt.lower(model, writer.dir, {"quantization": quant_report})
+        placement = tgt.placement(model)  # of the lowered graph: what will really run
         step("verifying against the source model")
-        report = _verify(source_path, writer.dir / lowered.artifact, lowered.runtime, inputs, sample_shapes, calib, samples_count, tolerance)
+        report = _verify(source_path, writer.dir / lowered.artifact, lowered.runtime, inputs, sample_shapes, calib, samples_count,
+                         tolerance, classes)
         reports = writer.dir / "reports"
         reports.mkdir()
         (reports / "placement.json").write_text(json.dumps([p.to_json() for p in placement], indent=1) + "\n")
@@ -73,14 +92,14 @@ def compile_model(
             "source": vars(fe.source) | {"path": source_path.name},
             "artifact": lowered.artifact,
             "inputs": inputs,
-            "outputs": frontend.signature(fe.model.graph.outputs),
-            "opset": frontend.INTERNAL_OPSET,
+            "outputs": frontend.signature(model.graph.outputs),
+            "opset": model.opset_imports.get("", frontend.INTERNAL_OPSET),
             "passes": [s.to_json() for s in stats],
-            "quantization": None,
+            "quantization": quant_report,
             "verification": report,
             "placement": _placement_summary(placement),
             "runtime": lowered.runtime,
-            "requirements": {"onnxruntime": f">={ort.__version__}", "onnx_opset": frontend.INTERNAL_OPSET},
+            "requirements": {"onnxruntime": f">={ort.__version__}", "onnx_opset": model.opset_imports.get("", frontend.INTERNAL_OPSET)},
             "tools": tool_versions(),
             "notes": lowered.notes,
         }
@@ -89,7 +108,7 @@ def compile_model(
     return _bundle.open_bundle(output)
 
 
-def _verify(source, artifact, runtime, inputs, sample_shapes, calib, count, tolerance) -> dict:
+def _verify(source, artifact, runtime, inputs, sample_shapes, calib, count, tolerance, classes) -> dict:
     settings = {k: v for k, v in runtime.items() if k != "backend"}
     src = ort_backend.create_session(source, ort_backend.DEFAULT_SETTINGS, cache=False)
     art = ort_backend.create_session(artifact, settings, cache=False)
@@ -99,7 +118,8 @@ def _verify(source, artifact, runtime, inputs, sample_shapes, calib, count, tole
         signature = samples.with_shapes(inputs, sample_shapes or {})
         data, feeds = "generated", samples.generate(signature, count)
     return verify.compare(
-        lambda f: ort_backend.run(src, f), lambda f: ort_backend.run(art, f), feeds, tolerance=tolerance, data=data
+        lambda f: ort_backend.run(src, f), lambda f: ort_backend.run(art, f), feeds, tolerance=tolerance, data=data,
+        class_scores=classes,
     )
 
 

@@ -2,21 +2,43 @@
 
 Per output, over all samples: max and mean absolute error, the max error relative to the
 reference's magnitude, cosine similarity, and top-1 agreement along the last axis for
-outputs shaped like class scores ((batch[, seq], classes), float). A compile whose relative error exceeds
+outputs that are class scores (see ``class_score_outputs``). A compile whose relative error exceeds
 the tolerance fails, naming the worst output.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 import numpy as np
+import onnx_ir as ir
 
 from edgec.errors import VerificationError
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 DEFAULT_TOLERANCE = 1e-3
+
+
+def class_score_outputs(model: ir.Model) -> set[str]:
+    """Outputs that are class scores, where top-1 agreement is the measure that matters.
+
+    Made by Softmax/LogSoftmax along the last axis, or a (batch, classes) result of a final
+    Gemm/MatMul (+ bias). Shape alone cannot tell: a transformer's (batch, seq, hidden) state
+    looks like (batch, seq, classes).
+    """
+    found = set()
+    for value in model.graph.outputs:
+        node = value.producer()
+        if node is None or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            continue
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            found.add(value.name)
+        elif node.op_type == "Add" and any(i.producer() is not None and i.producer().op_type == "MatMul" for i in node.inputs):
+            node = next(i.producer() for i in node.inputs if i.producer() is not None and i.producer().op_type == "MatMul")
+        if node.op_type in ("Gemm", "MatMul") and value.shape is not None and len(value.shape) == 2:
+            found.add(value.name)
+    return found
 
 
 class _Accumulator:
@@ -28,7 +50,7 @@ class _Accumulator:
         self.dot = self.ref_sq = self.out_sq = 0.0
         self.top1_match = self.top1_total = 0
 
-    def add(self, ref: np.ndarray, out: np.ndarray) -> None:
+    def add(self, ref: np.ndarray, out: np.ndarray, scores: bool) -> None:
         if ref.shape != out.shape:
             raise VerificationError(f"shape {list(out.shape)} differs from the source model's {list(ref.shape)}")
         if ref.dtype.kind not in "fc":  # integer/bool outputs must match exactly
@@ -43,7 +65,7 @@ class _Accumulator:
         self.dot += float(r @ o)
         self.ref_sq += float(r @ r)
         self.out_sq += float(o @ o)
-        if 2 <= ref.ndim <= 3 and ref.shape[-1] > 1 and ref.dtype.kind == "f":  # (batch[, seq], classes)
+        if scores:
             self.top1_match += int((ref.argmax(-1) == out.argmax(-1)).sum())
             self.top1_total += int(np.prod(ref.shape[:-1]))
 
@@ -65,10 +87,14 @@ def compare(
     source: Runner,
     artifact: Runner,
     samples: Iterable[dict[str, np.ndarray]],
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = DEFAULT_TOLERANCE,
     data: str = "generated",
+    class_scores: Collection[str] = (),
 ) -> dict:
-    """Run both on every sample; return the report; raise ``VerificationError`` past ``tolerance``."""
+    """Run both on every sample; return the report; raise ``VerificationError`` past ``tolerance``.
+
+    ``tolerance=None`` measures without judging (quantized bundles: their budget is accuracy).
+    """
     acc: dict[str, _Accumulator] = {}
     n = 0
     for sample in samples:
@@ -77,7 +103,7 @@ def compare(
             if name not in out:
                 raise VerificationError(f"output {name!r} is missing from the compiled artifact")
             try:
-                acc.setdefault(name, _Accumulator()).add(value, out[name])
+                acc.setdefault(name, _Accumulator()).add(value, out[name], name in class_scores)
             except VerificationError as exc:
                 raise VerificationError(f"output {name!r}: {exc}") from None
         n += 1
@@ -91,7 +117,7 @@ def compare(
         "tolerance": tolerance,
         "outputs": outputs,
         "worst_output": worst,
-        "passed": outputs[worst]["rel_err"] <= tolerance,
+        "passed": tolerance is None or outputs[worst]["rel_err"] <= tolerance,
     }
     if not report["passed"]:
         m = outputs[worst]

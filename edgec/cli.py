@@ -55,16 +55,35 @@ def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
 @click.option("--sample-shape", multiple=True, metavar="NAME=D1,D2,...", help="Shape of generated verification inputs (the artifact stays dynamic).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Real inputs: a .npz, or a folder of .npz/.npy files.")
 @click.option("--samples", default=4, show_default=True, type=click.IntRange(min=1), help="How many samples to verify with.")
-@click.option("--tolerance", default=1e-3, show_default=True, help="Largest allowed error relative to the output's magnitude.")
+@click.option("--tolerance", type=float, help="Largest allowed error relative to the output's magnitude (default 1e-3; not applied to quantized bundles unless given).")
+@click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int4"]), help="Quantize: int8 (static, needs --calib), int8-dynamic, int4 (weights).")
+@click.option("--calibration", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="How int8 activation ranges are chosen.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration samples to read at most.")
+@click.option("--max-accuracy-drop", metavar="X%", help="Keep the most sensitive layers in float until the accuracy drop vs float is at most this (e.g. 0.5%).")
+@click.option("--keep-float", multiple=True, metavar="NODE", help="Keep this layer in float (repeatable).")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True, help="int4 block size.")
+@click.option("--asymmetric", is_flag=True, help="int4 with zero points (default symmetric).")
+@click.option("--int4-method", type=click.Choice(["rtn", "hqq"]), default="rtn", show_default=True, help="int4 rounding: round-to-nearest or HQQ.")
 @click.option("--disable-pass", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
 @click.option("--check-each-pass", is_flag=True, help="Check the model after every pass.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--zip", "as_zip", is_flag=True, help="Write the single-file zip form (also implied by -o NAME.zip).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def compile(model, target, output, input_shape, sample_shape, calib, samples, tolerance, disable_pass, check_each_pass, force, as_zip, quiet, as_json):
+def compile(model, target, output, input_shape, sample_shape, calib, samples, tolerance, quantize, calibration, calib_samples,
+            max_accuracy_drop, keep_float, block_size, asymmetric, int4_method, disable_pass, check_each_pass, force, as_zip, quiet, as_json):
     """Compile MODEL (.onnx) for a target into a verified bundle."""
     import edgec
+    from edgec.compiler.quantize import QuantOptions
+
+    quant = None
+    if quantize:
+        quant = QuantOptions(
+            mode=quantize, calibration=calibration, block_size=int(block_size), symmetric=not asymmetric,
+            int4_method=int4_method, max_accuracy_drop=_fraction(max_accuracy_drop), keep_float=keep_float,
+        )
+    elif max_accuracy_drop or keep_float:
+        raise InputError("--max-accuracy-drop and --keep-float need --quantize")
 
     if output is None:
         output = Path(f"{model.stem}.edgec" + (".zip" if as_zip else ""))
@@ -75,7 +94,7 @@ def compile(model, target, output, input_shape, sample_shape, calib, samples, to
         bundle = edgec.compile(
             model, target, output,
             input_shapes=_shapes(input_shape, "--input-shape"), sample_shapes=_shapes(sample_shape, "--sample-shape"), calib=calib,
-            samples_count=samples, tolerance=tolerance, disable_passes=disable_pass,
+            samples_count=samples, tolerance=tolerance, quantize=quant, calib_samples=calib_samples, disable_passes=disable_pass,
             check_each_pass=check_each_pass, force=force,
             progress=(lambda msg: status.update(msg)) if show else None,
         )
@@ -84,6 +103,16 @@ def compile(model, target, output, input_shape, sample_shape, calib, samples, to
     elif not quiet:
         _summary(bundle.manifest, output)
     bundle.close()
+
+
+def _fraction(text: str | None) -> float | None:
+    """'0.5%' -> 0.005, '0.005' -> 0.005."""
+    if text is None:
+        return None
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise InputError(f"--max-accuracy-drop {text!r}: give a percentage like 0.5% or a fraction like 0.005") from None
 
 
 class _nothing:
@@ -104,6 +133,13 @@ def _summary(m: dict, output: Path) -> None:
     out.print(f"  verified on {v['samples']} {v['data']} samples: max abs err {worst['max_abs']:.3g}, cosine {worst['cosine']:.6f}"
               + (f", top-1 {worst['top1']:.3f}" if "top1" in worst else ""))
     out.print(f"  placement: {devices}")
+    q = m.get("quantization")
+    if q:
+        kept = [layer["node"] for layer in q["layers"] if layer["precision"] == "float"]
+        acc = q["accuracy"]
+        out.print(f"  quantized {q['mode']}: weights {q['weight_bytes_before'] / 1e6:.2f} → {q['weight_bytes_after'] / 1e6:.2f} MB, "
+                  f"{len(q['layers']) - len(kept)}/{len(q['layers'])} layers quantized"
+                  + (f", {acc['metric']} drop {acc['drop']:.3%}" + (f" (budget {acc['budget']:.3%})" if acc["budget"] is not None else "") if acc else ""))
 
 
 @main.command()
@@ -148,12 +184,25 @@ def _inspect(m: dict, placement: list[dict], nodes: bool) -> None:
     out.print(passes)
     v = m["verification"]
     ver = Table("output", "max abs", "mean abs", "rel err", "cosine", "top-1",
-                title=f"verification: {v['samples']} {v['data']} samples, tolerance {v['tolerance']:g}, {'passed' if v['passed'] else 'FAILED'}",
+                title=f"verification: {v['samples']} {v['data']} samples, tolerance {v['tolerance'] if v['tolerance'] is not None else 'not applied'}, {'passed' if v['passed'] else 'FAILED'}",
                 title_justify="left")
     for name, o in v["outputs"].items():
         ver.add_row(name, f"{o['max_abs']:.3g}", f"{o['mean_abs']:.3g}", f"{o['rel_err']:.3g}", f"{o['cosine']:.6f}",
                     f"{o['top1']:.4f}" if "top1" in o else "-")
     out.print(ver)
+    q = m.get("quantization")
+    if q:
+        acc = q["accuracy"] or {}
+        title = (f"quantization {q['mode']}: weights {q['weights']}, activations {q['activations']}"
+                 + (f", calibration {q['calibration']}" if q["calibration"] else "")
+                 + f"; weights {q['weight_bytes_before']:,} → {q['weight_bytes_after']:,} bytes"
+                 + (f"; {acc['metric']} drop {acc['drop']:.3%} on {acc['samples']} samples" if acc else "")
+                 + (f" (budget {acc['budget']:.3%})" if acc.get("budget") is not None else ""))
+        layers = Table("layer", "op", "precision", "sensitivity", "why", title=escape(title), title_justify="left")
+        for layer in q["layers"]:
+            sens = f"{layer['sensitivity']:.3%}" if "sensitivity" in layer else "-"
+            layers.add_row(escape(layer["node"]), layer["op"], layer["precision"], sens, layer["reason"])
+        out.print(layers)
     ops: dict[tuple[str, str], int] = {}
     for p in placement:
         ops[(p["op"], p["device"])] = ops.get((p["op"], p["device"]), 0) + 1

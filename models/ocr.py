@@ -156,3 +156,33 @@ def ctc_decode(probs: np.ndarray, chars: list[str]) -> tuple[str, float]:
     keep[1:] &= idx[1:] != idx[:-1]  # collapse repeats; a blank between separates them
     text = "".join(chars[i] for i in idx[keep])
     return text, float(conf[keep].mean()) if keep.any() else 0.0
+
+
+def line_crops(image: np.ndarray, detect) -> list[tuple[Box, np.ndarray]]:
+    """Text lines of ``image``: ``detect(x) -> prob map`` runs the detector; returns (box, crop) pairs."""
+    x, scale = det_preprocess(image)
+    return [((y0, x0, y1, x1), image[y0:y1, x0:x1]) for y0, x0, y1, x1 in text_boxes(detect(x), scale)]
+
+
+def read(image: np.ndarray, detect, recognize, chars: list[str]) -> list[str]:
+    """The text of each line of ``image``, top to bottom; ``recognize(x) -> probs`` runs the recognizer."""
+    return [ctc_decode(recognize(rec_preprocess(crop)), chars)[0] for _, crop in line_crops(image, detect)]
+
+
+def word_crops(line: np.ndarray, min_gap: int = 4) -> list[np.ndarray]:
+    """Split a line crop at blank columns at least ``min_gap`` wide (gaps between words)."""
+    gray = line.mean(axis=2) if line.ndim == 3 else line.astype(np.float32)
+    ink = (gray < gray.mean() - gray.std()).any(axis=0)
+    words, start, gap = [], None, 0
+    for i, inked in enumerate(np.append(ink, False)):
+        if inked:
+            start = i if start is None else start
+            gap = 0
+        elif start is not None:
+            gap += 1
+            if gap >= min_gap or i == len(ink):
+                end = i - gap + 1
+                if end - start > 2:
+                    words.append(line[:, max(0, start - 2):min(len(ink), end + 2)])
+                start, gap = None, 0
+    return words

@@ -95,6 +95,15 @@ def _session_and_cache(model_path: Path, opts: ort.SessionOptions, providers: li
     return session
 
 
+def create_session_from_proto(proto, settings: dict | None = None) -> ort.InferenceSession:
+    """A CPU session on an in-memory model (compile-time tools: calibration, accuracy search)."""
+    opts = session_options(settings or DEFAULT_SETTINGS)
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's exception types have no public common base
+        raise RuntimeFailure(f"onnxruntime could not load the model: {str(exc).strip()[:400]}") from None
+
+
 def write_ort_format(model_path: Path, out_path: Path) -> None:
     """An ORT-format copy for ORT mobile / minimal builds, with portable (extended) optimizations only."""
     opts = session_options({"graph_optimization_level": "extended"})

@@ -1,0 +1,60 @@
+"""Lower dynamic-int8 MatMuls to ONNX Runtime's DynamicQuantizeMatMul.
+
+Before:  A -> MatMul(DequantizeLinear(W_int8, scale[N], axis=1)) [-> Add(bias)]
+After:   A -> com.microsoft::DynamicQuantizeMatMul(A, W_int8, scale, zero_point=0[N], [bias])
+ORT quantizes A per call (uint8, asymmetric) and runs an int8 GEMM (VNNI/dot-product kernels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchResult
+
+MS = "com.microsoft"
+
+
+def _weight_ok(w_q: ir.Value, scale: ir.Value) -> bool:
+    if w_q.const_value is None or scale.const_value is None:
+        return False
+    if w_q.const_value.dtype != ir.DataType.INT8 or len(w_q.const_value.shape) != 2:
+        return False
+    return scale.const_value.size in (1, w_q.const_value.shape[1])
+
+
+class _DynamicMatMulBase(pattern.RewriteRuleClassBase):
+    def check(self, context, w_q: ir.Value, scale: ir.Value, dq_out: ir.Value, bias: ir.Value | None = None, **_) -> MatchResult:
+        result = MatchResult()
+        axis = dq_out.producer().attributes.get_int("axis", 1)
+        if not _weight_ok(w_q, scale) or (scale.const_value.size > 1 and axis != 1):
+            return result.fail("not a per-column int8 weight")
+        if bias is not None and (bias.const_value is None or tuple(bias.const_value.shape) != (w_q.const_value.shape[1],)):
+            return result.fail("bias is not a constant vector of N")
+        return result
+
+    def _zero_point(self, op, scale: ir.Value) -> ir.Value:
+        return op.initializer(ir.tensor(np.zeros(scale.const_value.shape, np.int8)), f"{scale.name}_zero_point")
+
+
+class DynamicMatMulBias(_DynamicMatMulBase):
+    def pattern(self, op, a, w_q, scale, bias):
+        return op.Add(op.MatMul(a, op.DequantizeLinear(w_q, scale, _outputs=["dq_out"], _allow_other_attributes=True)), bias)
+
+    def rewrite(self, op, a, w_q, scale, bias, **_):
+        return op.DynamicQuantizeMatMul(a, w_q, scale, self._zero_point(op, scale), bias, _domain=MS)
+
+
+class DynamicMatMul(_DynamicMatMulBase):
+    def pattern(self, op, a, w_q, scale):
+        return op.MatMul(a, op.DequantizeLinear(w_q, scale, _outputs=["dq_out"], _allow_other_attributes=True))
+
+    def rewrite(self, op, a, w_q, scale, **_):
+        return op.DynamicQuantizeMatMul(a, w_q, scale, self._zero_point(op, scale), _domain=MS)
+
+
+def lower_dynamic_matmuls(model: ir.Model) -> int:
+    count = pattern.RewriteRuleSet([DynamicMatMulBias.rule(), DynamicMatMul.rule()], commute=True).apply_to_model(model)
+    if count:
+        model.opset_imports.setdefault(MS, 1)
+    return count
