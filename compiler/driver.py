@@ -34,6 +34,7 @@ def compile_model(
     input_shapes: dict[str, list[int]] | None = None,
     sample_shapes: dict[str, list[int]] | None = None,
     calib: str | os.PathLike | None = None,
+    calib_options: samples.CalibOptions | dict | None = None,
     samples_count: int = 4,
     tolerance: float | None = None,
     quantize: QuantOptions | str | None = None,
@@ -50,6 +51,7 @@ def compile_model(
     ``tolerance`` (relative error vs the source) defaults to 1e-3 for float bundles. ``quantize``
     is a mode name or a ``QuantOptions``; a quantized bundle is held to ``tolerance`` only when one
     is given (quantization changes outputs by design; its budget is ``max_accuracy_drop``).
+    ``calib_options`` (a ``samples.CalibOptions`` or a dict of its fields) turns ``calib`` images or text into tensors.
     """
     if isinstance(quantize, str):
         quantize = QuantOptions(mode=quantize)
@@ -66,6 +68,7 @@ def compile_model(
         step("reading model")
         fe = frontend.load(source_path, input_shapes)
         inputs = frontend.signature(fe.model.graph.inputs)
+        calib_options = samples.CalibOptions.of(calib_options, model=source_path, metadata=fe.source.metadata, shapes=sample_shapes)
         if not tgt.allows_dynamic_shapes and samples.dynamic_inputs(inputs):
             name = samples.dynamic_inputs(inputs)[0]
             raise ShapeError(f"target {tgt.name} needs static shapes; input {name!r} is dynamic: pass --input-shape {name}=...")
@@ -74,14 +77,14 @@ def compile_model(
         classes = verify.class_score_outputs(fe.model)
         if quantize is not None:
             real = calib is not None
-            feed = (lambda: samples.read_calib(calib, inputs, limit=calib_samples)) if real else None
+            feed = (lambda: samples.read_calib(calib, inputs, limit=calib_samples, options=calib_options)) if real else None
             model, quant_report = quantize_model(fe.model, quantize, feed, real, progress=step)
         step(f"lowering for {tgt.name}")
         lowered = tgt.lower(model, writer.dir, {"quantization": quant_report})
         placement = tgt.placement(model)  # of the lowered graph: what will really run
         step("verifying against the source model")
-        report = _verify(source_path, writer.dir / lowered.artifact, lowered.runtime, inputs, sample_shapes, calib, samples_count,
-                         tolerance, classes)
+        report = _verify(source_path, writer.dir / lowered.artifact, lowered.runtime, inputs, sample_shapes, calib, calib_options,
+                         samples_count, tolerance, classes)
         reports = writer.dir / "reports"
         reports.mkdir()
         (reports / "placement.json").write_text(json.dumps([p.to_json() for p in placement], indent=1) + "\n")
@@ -108,12 +111,12 @@ def compile_model(
     return _bundle.open_bundle(output)
 
 
-def _verify(source, artifact, runtime, inputs, sample_shapes, calib, count, tolerance, classes) -> dict:
+def _verify(source, artifact, runtime, inputs, sample_shapes, calib, calib_options, count, tolerance, classes) -> dict:
     settings = {k: v for k, v in runtime.items() if k != "backend"}
     src = ort_backend.create_session(source, ort_backend.DEFAULT_SETTINGS, cache=False)
     art = ort_backend.create_session(artifact, settings, cache=False)
     if calib is not None:
-        data, feeds = f"calib:{Path(calib).name}", samples.read_calib(calib, inputs, limit=count)
+        data, feeds = f"calib:{Path(calib).name}", samples.read_calib(calib, inputs, limit=count, options=calib_options)
     else:
         signature = samples.with_shapes(inputs, sample_shapes or {})
         data, feeds = "generated", samples.generate(signature, count)

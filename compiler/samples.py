@@ -2,12 +2,16 @@
 
 ``--calib`` accepts
   * a ``.npz`` file: one sample, arrays keyed by input name;
-  * a folder of ``.npz`` files (one sample each), or of ``.npy`` files when the model has one input.
-Samples are read lazily, one at a time, so a large folder never sits in memory at once.
+  * a folder of ``.npz`` files (one sample each), or of ``.npy`` files when the model has one input;
+  * images (a file or a folder of .png/.jpg/.jpeg/.bmp) and text (a .txt of one sample per line, or a
+    folder of .txt files), turned into tensors by ``edgec.compiler.readers`` as ``CalibOptions`` says.
+A folder holds one kind of data. Samples are read lazily, one at a time, so a large folder never sits
+in memory at once.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -15,6 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
+from edgec.compiler import readers
+from edgec.compiler.readers import CalibOptions
 from edgec.errors import CalibrationError, ShapeError
 from edgec.signature import check_inputs, is_static, show_shape
 
@@ -22,23 +28,26 @@ from edgec.signature import check_inputs, is_static, show_shape
 MAX_SAMPLE_BYTES = 1 << 30
 
 
-def read_calib(path: str | os.PathLike, signature: list[dict], limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Yield samples from ``path``, each checked against the model's input ``signature``."""
+def read_calib(
+    path: str | os.PathLike, signature: list[dict], limit: int | None = None, options: CalibOptions | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield samples from ``path``, each checked against the model's input ``signature``.
+
+    A generator: nothing is read until the first sample is asked for, and each call reads afresh.
+    """
     path = Path(path)
-    if not path.exists():
-        raise CalibrationError(f"--calib {path}: no such file or folder")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+    options = options or CalibOptions()
+    kind, files = readers.list_files(path)
+    options.check_applies(kind, path)
+    if kind == readers.ARRAYS:
+        names = [s["name"] for s in signature]
+        read = ((str(file), _read_sample(file, names)) for file in files)
     else:
-        files = [path]
-    if not files:
-        raise CalibrationError(f"--calib {path}: no .npz or .npy files in it (the calibration set is empty)")
-    names = [s["name"] for s in signature]
-    for count, file in enumerate(files):
-        if limit is not None and count >= limit:
-            return
-        sample = _read_sample(file, names)
-        check_sample(sample, signature, str(file))
+        # images take their H x W, text its sequence length, from --sample-shape when the model leaves them open
+        signature = with_shapes(signature, options.shapes)
+        read = (readers.read_images if kind == readers.IMAGES else readers.read_texts)(files, signature, options, path)
+    for where, sample in itertools.islice(read, limit):
+        check_sample(sample, signature, where)
         yield sample
 
 

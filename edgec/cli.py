@@ -53,7 +53,12 @@ def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Bundle to write (NAME.edgec, or NAME.zip for one file).")
 @click.option("--input-shape", multiple=True, metavar="NAME=D1,D2,...", help="Fix an input's shape in the artifact.")
 @click.option("--sample-shape", multiple=True, metavar="NAME=D1,D2,...", help="Shape of generated verification inputs (the artifact stays dynamic).")
-@click.option("--calib", type=click.Path(path_type=Path), help="Real inputs: a .npz, or a folder of .npz/.npy files.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Real inputs: a .npz, a folder of .npz/.npy files, images (.png/.jpg/.jpeg/.bmp, a file or folder), or text (a .txt of one sample per line, or a folder of .txt files).")
+@click.option("--calib-mean", metavar="M[,M,M]", help="Images: subtract this mean from [0, 1] pixels, one value or one per channel in the model's order (default 0, or the model's metadata).")
+@click.option("--calib-std", metavar="S[,S,S]", help="Images: then divide by this std, one value or one per channel (default 1, or the model's metadata).")
+@click.option("--calib-bgr", is_flag=True, help="Images: feed channels in BGR order.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="Text: the tokenizer.json to use (default: tokenizer.json next to MODEL).")
+@click.option("--calib-max-length", type=click.IntRange(min=1), metavar="N", help="Text: pad/truncate to N tokens when the model's sequence length is dynamic (default 128).")
 @click.option("--samples", default=4, show_default=True, type=click.IntRange(min=1), help="How many samples to verify with.")
 @click.option("--tolerance", type=float, help="Largest allowed error relative to the output's magnitude (default 1e-3; not applied to quantized bundles unless given).")
 @click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int4"]), help="Quantize: int8 (static, needs --calib), int8-dynamic, int4 (weights).")
@@ -70,12 +75,18 @@ def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
 @click.option("--zip", "as_zip", is_flag=True, help="Write the single-file zip form (also implied by -o NAME.zip).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def compile(model, target, output, input_shape, sample_shape, calib, samples, tolerance, quantize, calibration, calib_samples,
-            max_accuracy_drop, keep_float, block_size, asymmetric, int4_method, disable_pass, check_each_pass, force, as_zip, quiet, as_json):
+def compile(model, target, output, input_shape, sample_shape, calib, calib_mean, calib_std, calib_bgr, tokenizer, calib_max_length,
+            samples, tolerance, quantize, calibration, calib_samples, max_accuracy_drop, keep_float, block_size, asymmetric,
+            int4_method, disable_pass, check_each_pass, force, as_zip, quiet, as_json):
     """Compile MODEL (.onnx) for a target into a verified bundle."""
     import edgec
     from edgec.compiler.quantize import QuantOptions
+    from edgec.compiler.samples import CalibOptions
 
+    calib_options = CalibOptions(mean=calib_mean, std=calib_std, bgr=calib_bgr, tokenizer=tokenizer, max_length=calib_max_length)
+    if calib is None and calib_options.given():
+        flags = list(calib_options.given())
+        raise InputError(f"{', '.join(flags)} {'needs' if len(flags) == 1 else 'need'} --calib: images or text to read")
     quant = None
     if quantize:
         quant = QuantOptions(
@@ -94,6 +105,7 @@ def compile(model, target, output, input_shape, sample_shape, calib, samples, to
         bundle = edgec.compile(
             model, target, output,
             input_shapes=_shapes(input_shape, "--input-shape"), sample_shapes=_shapes(sample_shape, "--sample-shape"), calib=calib,
+            calib_options=calib_options,
             samples_count=samples, tolerance=tolerance, quantize=quant, calib_samples=calib_samples, disable_passes=disable_pass,
             check_each_pass=check_each_pass, force=force,
             progress=(lambda msg: status.update(msg)) if show else None,

@@ -82,8 +82,9 @@ def quantize(
 
     ranges = None
     if options.mode == "int8":
-        say("calibrating")
-        ranges = calibrate.collect_ranges(model, samples(), options.calibration, options.percentile)
+        ranges = calibrate.collect_ranges(
+            model, samples(), options.calibration, options.percentile, progress=lambda n: say(f"calibrating: {n} samples")
+        )
 
     def build(kept: frozenset[str]) -> ir.Model:
         exclude = set(kept) | set(options.keep_float)
