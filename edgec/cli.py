@@ -61,7 +61,7 @@ def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
 @click.option("--calib-max-length", type=click.IntRange(min=1), metavar="N", help="Text: pad/truncate to N tokens when the model's sequence length is dynamic (default 128).")
 @click.option("--samples", default=4, show_default=True, type=click.IntRange(min=1), help="How many samples to verify with.")
 @click.option("--tolerance", type=float, help="Largest allowed error relative to the output's magnitude (default 1e-3; not applied to quantized bundles unless given).")
-@click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int4"]), help="Quantize: int8 (static, needs --calib), int8-dynamic, int4 (weights).")
+@click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int4", "fp16"]), help="Quantize: int8 (static, needs --calib), int8-dynamic, int4 (weights), fp16.")
 @click.option("--calibration", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="How int8 activation ranges are chosen.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration samples to read at most.")
 @click.option("--max-accuracy-drop", metavar="X%", help="Keep the most sensitive layers in float until the accuracy drop vs float is at most this (e.g. 0.5%).")

@@ -4,6 +4,8 @@ Modes:
   int8          static: int8 per-channel weights + uint8 per-tensor activations (needs --calib)
   int8-dynamic  int8 per-column MatMul weights; activations quantized per call by the backend
   int4          block-wise int4 MatMul weights (RTN or HQQ), activations float
+  fp16          float16 weights and compute; float32 kept where float16 overflows or loses accuracy
+                (op rules, and with --calib the calibrated ranges: see ``fp16``)
 Every mode keeps the layers named in ``keep_float`` in float, and with ``max_accuracy_drop`` also
 the most sensitive layers until the drop against the float model fits (see ``budget``).
 """
@@ -19,11 +21,11 @@ import onnx_ir.passes.common as common
 
 from edgec.compiler import verify
 from edgec.compiler.pipeline import weight_bytes
-from edgec.compiler.quantize import accuracy, budget, calibrate, int8
+from edgec.compiler.quantize import accuracy, budget, calibrate, fp16, int8
 from edgec.errors import CalibrationError, InputError
 from edgec.runtime import ort as ort_backend
 
-MODES = ("int8", "int8-dynamic", "int4")
+MODES = ("int8", "int8-dynamic", "int4", "fp16")
 #: samples held in memory to measure accuracy (their float outputs are kept as the reference)
 EVAL_SAMPLES = 32
 
@@ -54,6 +56,8 @@ class QuantOptions:
 
 
 def layers_for(model: ir.Model, mode: str) -> list[ir.Node]:
+    if mode == "fp16":  # every node computing in float is converted or kept, so each can be named
+        return fp16.float_nodes(model)
     return int8.quantizable_layers(model, {"int8": int8.STATIC_OPS, "int8-dynamic": ("MatMul",), "int4": ("MatMul", "Gemm")}[mode])
 
 
@@ -85,6 +89,10 @@ def quantize(
         ranges = calibrate.collect_ranges(
             model, samples(), options.calibration, options.percentile, progress=lambda n: say(f"calibrating: {n} samples")
         )
+    elif options.mode == "fp16" and has_real_data:
+        # minmax whatever --calibration says: the outliers percentile/entropy clip are what overflows float16
+        ranges = calibrate.collect_ranges(model, samples(), "minmax", progress=lambda n: say(f"calibrating: {n} samples"))
+    fp16_report: dict = {}
 
     def build(kept: frozenset[str]) -> ir.Model:
         exclude = set(kept) | set(options.keep_float)
@@ -92,6 +100,9 @@ def quantize(
             return int8.quantize_static(model, ranges, exclude)
         if options.mode == "int8-dynamic":
             return int8.quantize_dynamic(_copy(model), exclude)
+        if options.mode == "fp16":
+            converted, fp16_report["last"] = fp16.convert_fp16(model, keep_float=exclude, ranges=ranges)
+            return converted
         from edgec.compiler.quantize.int4 import quantize_int4
 
         copy = _copy(model)
@@ -110,7 +121,9 @@ def quantize(
 
         if options.max_accuracy_drop is not None:
             say("accuracy budget search")
-            result = budget.search(names, evaluate, options.max_accuracy_drop, say)
+            # fp16: search the weighted layers only; one evaluation per Reshape would buy nothing
+            searched = [n.name for n in layers if n.op_type in fp16.COMPUTE_OPS] if options.mode == "fp16" else names
+            result = budget.search(searched, evaluate, options.max_accuracy_drop, say)
             chosen = frozenset(result.kept_float)
             drop = result.drop
         else:
@@ -123,18 +136,21 @@ def quantize(
         }
     say(f"quantizing ({options.mode})")
     quantized = build(chosen)
-    report = _report(model, quantized, layers, options, chosen, result, report_accuracy)
+    report = _report(model, quantized, layers, options, chosen, result, report_accuracy, fp16_report.get("last"))
     return quantized, report
 
 
-def _report(model, quantized, layers, options, chosen, result, report_accuracy) -> dict:
-    precision = {"int8": "int8", "int8-dynamic": "int8 (dynamic)", "int4": f"int4 (block {options.block_size})"}[options.mode]
+def _report(model, quantized, layers, options, chosen, result, report_accuracy, fp16_report=None) -> dict:
+    precision = {"int8": "int8", "int8-dynamic": "int8 (dynamic)", "int4": f"int4 (block {options.block_size})", "fp16": "float16"}[options.mode]
     rows = []
+    fp16_rows = {row["node"]: row for row in (fp16_report or {}).get("layers", [])}
     for node in layers:
         if node.name in options.keep_float:
             why, prec = "kept float by --keep-float", "float"
         elif node.name in chosen:
             why, prec = "kept float: among the most sensitive layers needed to meet the accuracy budget", "float"
+        elif node.name in fp16_rows:  # float16, or float32 for the reason fp16 gives (op rule, range)
+            why, prec = fp16_rows[node.name]["reason"], fp16_rows[node.name]["precision"]
         else:
             why, prec = "quantized", precision
         row = {"node": node.name, "op": node.op_type, "precision": prec, "reason": why}
@@ -146,11 +162,12 @@ def _report(model, quantized, layers, options, chosen, result, report_accuracy) 
         "int8-dynamic": {"weights": "int8 symmetric per-column", "activations": "dynamic (quantized per call)"},
         "int4": {"weights": f"int4 {'symmetric' if options.symmetric else 'asymmetric'} blocks of {options.block_size}, {options.int4_method}",
                  "activations": "float"},
+        "fp16": {"weights": "float16 (float32 where a node stays float32)", "activations": "float16 (float32 where a node stays float32)"},
     }[options.mode]
     return {
         "mode": options.mode,
         **scheme,
-        "calibration": options.calibration if options.mode == "int8" else None,
+        "calibration": options.calibration if options.mode == "int8" else ("minmax" if fp16_report and fp16_report["calibrated"] else None),
         "weight_bytes_before": weight_bytes(model),
         "weight_bytes_after": weight_bytes(quantized),
         "accuracy": report_accuracy,
@@ -158,4 +175,6 @@ def _report(model, quantized, layers, options, chosen, result, report_accuracy) 
             "drop_all_quantized": result.drop_all_quantized, "evaluations": result.evaluations, "kept_float": result.kept_float,
         },
         "layers": rows,
+        **({"fp16": {k: fp16_report[k] for k in ("nodes_fp16", "nodes_fp32", "kept_fp32_by_op", "casts_inserted", "calibrated", "limit")}}
+           if fp16_report else {}),
     }

@@ -15,6 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from edgec.compiler.passes import DEFAULT_PASSES
+from edgec.compiler.quantize.fp16 import fp16_kernel_coverage, has_fp16_cpu_kernel, reads_or_writes_fp16
 from edgec.errors import UnsupportedOpError
 from edgec.runtime import ort as ort_backend
 from edgec.targets.cpu.dynamic import lower_dynamic_matmuls
@@ -55,6 +56,8 @@ class CpuTarget:
             op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
             name = node_label(node)
             if kernel:
+                if reads_or_writes_fp16(node) and not has_fp16_cpu_kernel(node.domain, node.op_type, opset):
+                    kernel += f"; no float16 kernel on {platform.machine()}: runs in float32 via Casts onnxruntime inserts"
                 report.append(NodePlacement(name, op, "cpu", kernel))
             else:
                 reason = f"onnxruntime {ort.__version__} has no CPU kernel for {op} at opset {opset}"
@@ -87,7 +90,13 @@ class CpuTarget:
             _write_required_operators(out_dir / "model.ort", out_dir / "required_operators.config")
             files += ["model.ort", "required_operators.config"]
         settings = {"backend": "onnxruntime", **ort_backend.DEFAULT_SETTINGS}
-        return Lowered(artifact="model.onnx", files=files, runtime=settings)
+        notes = []
+        if quant.get("mode") == "fp16":
+            slow = [op for op, ok in fp16_kernel_coverage(model).items() if not ok]
+            if slow:
+                notes.append(f"fp16: onnxruntime {ort.__version__} on {platform.machine()} has no float16 kernel for {', '.join(slow)}: "
+                             "it casts them to float32 at load, so the bundle is half the size but runs no faster than float32 here")
+        return Lowered(artifact="model.onnx", files=files, runtime=settings, notes=notes)
 
 
 def fuse_for_ort(model: ir.Model) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,17 @@ def test_minilm_int4_lowers_to_matmulnbits(minilm_setup, tmp_path):
     with edgec.load(bundle.path) as model:
         p = model.run(minilm.encode(passages, tok))["sentence_embedding"]
     assert (p * ref["passage_embeddings"]).sum(1).min() >= 0.95
+
+
+def test_digits_fp16_halves_weights_and_says_how_it_runs(digits_calib, tmp_path):
+    result = CliRunner().invoke(main, ["compile", str(digits.model_path()), "-o", str(tmp_path / "h.edgec"), "--calib", str(digits_calib),
+                                       "--quantize", "fp16", "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)
+    q = m["quantization"]
+    assert q["mode"] == "fp16" and q["calibration"] == "minmax"
+    assert q["weight_bytes_after"] <= 0.51 * q["weight_bytes_before"]
+    assert {layer["precision"] for layer in q["layers"]} >= {"float16"}
+    if platform.machine() in ("x86_64", "AMD64"):  # ORT's x86 CPU EP has no fp16 Conv/Gemm: it says so
+        assert any("no float16 kernel" in note for note in m["notes"])
+    assert _accuracy(tmp_path / "h.edgec") >= 0.98
