@@ -6,7 +6,6 @@ with a message that names the file and the fix.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import onnx.version_converter
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from edgec.bundle import sha256_file
 from edgec.errors import ModelLoadError, ShapeError
 
 #: Every model is brought to this opset before the passes run; targets lower from it.
@@ -45,14 +45,6 @@ class Frontend:
     proto: onnx.ModelProto
     model: ir.Model
     source: SourceInfo
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parse_input_shapes(specs: list[str] | tuple[str, ...], flag: str = "--input-shape") -> dict[str, list[int]]:

@@ -25,7 +25,7 @@ MANIFEST = "manifest.json"
 MAX_UNPACKED_BYTES = 64 << 30
 
 
-def sha256_bytes_of(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -85,7 +85,7 @@ class BundleWriter:
         for p in sorted(self.dir.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(self.dir).as_posix()
-                files[rel] = {"sha256": sha256_bytes_of(p), "size": p.stat().st_size}
+                files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
         manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": files}
         (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         staged = self.dir
@@ -166,7 +166,7 @@ def _check_files(bundle: Bundle) -> None:
             raise BundleError(f"{bundle.source}: manifest entry {name!r} points outside the bundle")
         if not file.is_file():
             raise BundleError(f"{bundle.source}: file {name} listed in the manifest is missing")
-        if sha256_bytes_of(file) != entry.get("sha256"):
+        if sha256_file(file) != entry.get("sha256"):
             raise BundleError(
                 f"{bundle.source}: {name} was changed after compiling (sha256 mismatch); recompile the bundle"
             )

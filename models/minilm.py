@@ -15,7 +15,6 @@ Gelu fusions recognise it. Weights keep their Hugging Face names; linear weights
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgec.bundle import sha256_file
 from edgec.errors import InputError
 from edgec.models.catalogue import _package_dir
 
@@ -210,18 +210,10 @@ def build_bert_encoder(model_dir: Path, *, pooling: bool = True, opset: int = 18
     )
     helper.set_model_props(model, {
         "source": "sentence-transformers/all-MiniLM-L6-v2",
-        "source_sha256": _sha256(weights_path),
-        "builder_sha256": _sha256(Path(__file__)),
+        "source_sha256": sha256_file(weights_path),
+        "builder_sha256": sha256_file(Path(__file__)),
     })
     return model
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _built_from(path: Path) -> tuple[str, str] | None:
@@ -242,7 +234,7 @@ def build_to(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / "tokenizer.json", path / "tokenizer.json")
     out = path / ONNX_NAME
-    if out.is_file() and _built_from(out) == (_sha256(src / "model.safetensors"), _sha256(Path(__file__))):
+    if out.is_file() and _built_from(out) == (sha256_file(src / "model.safetensors"), sha256_file(Path(__file__))):
         return out
     tmp = out.with_name(out.name + ".tmp")
     onnx.save(build_bert_encoder(src), str(tmp))

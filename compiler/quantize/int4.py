@@ -357,18 +357,3 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         graph.initializers.pop(value.name)
     elif (producer := value.producer()) is not None and producer.op_type == "Constant" and producer.graph is graph:
         graph.remove(producer, safe=True)
-
-
-class QuantizeInt4:
-    """The pipeline pass around ``quantize_int4`` (counts only; the full stats are on ``last``)."""
-
-    name = "quantize-int4"
-    summary = "int4 block-wise weights for MatMul/Gemm as DequantizeLinear(int4, block_size) (QDQ)"
-
-    def __init__(self, **options) -> None:
-        self.options = options
-        self.last: dict = {}
-
-    def __call__(self, model: ir.Model) -> dict[str, int]:
-        self.last = quantize_int4(model, **self.options)
-        return {"quantized": self.last["layers"], "bytes_saved": self.last["bytes_before"] - self.last["bytes_after"]}

@@ -167,16 +167,3 @@ def lower_int4_matmuls(model: ir.Model, accuracy_level: int = 4) -> int:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         common.RemoveUnusedNodesPass()(model)
     return count
-
-
-class LowerInt4MatMuls:
-    """The pipeline pass around ``lower_int4_matmuls``."""
-
-    name = "lower-int4-matmulnbits"
-    summary = "int4 DequantizeLinear -> MatMul/Gemm becomes com.microsoft MatMulNBits (ORT CPU kernel)"
-
-    def __init__(self, accuracy_level: int = 4) -> None:
-        self.accuracy_level = accuracy_level
-
-    def __call__(self, model: ir.Model) -> dict[str, int]:
-        return {"lowered": lower_int4_matmuls(model, self.accuracy_level)}
