@@ -115,15 +115,21 @@ def quantize(
         reference_session = ort_backend.create_session_from_proto(ir.serde.serialize_model(model))
         reference = [ort_backend.run(reference_session, s) for s in eval_set]
 
-        def evaluate(kept: frozenset[str]) -> float:
+        def outputs(kept: frozenset[str]) -> list[dict]:
             session = ort_backend.create_session_from_proto(ir.serde.serialize_model(build(kept)))
-            return accuracy.drop(reference, [ort_backend.run(session, s) for s in eval_set], classes, options.metric)
+            return [ort_backend.run(session, s) for s in eval_set]
+
+        def evaluate(kept: frozenset[str]) -> float:
+            return accuracy.drop(reference, outputs(kept), classes, options.metric)
+
+        def smooth(kept: frozenset[str]) -> float:  # ranks layers even when the task metric is coarse
+            return accuracy.drop(reference, outputs(kept), classes)
 
         if options.max_accuracy_drop is not None:
             say("accuracy budget search")
             # fp16: search the weighted layers only; one evaluation per Reshape would buy nothing
             searched = [n.name for n in layers if n.op_type in fp16.COMPUTE_OPS] if options.mode == "fp16" else names
-            result = budget.search(searched, evaluate, options.max_accuracy_drop, say)
+            result = budget.search(searched, evaluate, options.max_accuracy_drop, say, rank=smooth if options.metric else None)
             chosen = frozenset(result.kept_float)
             drop = result.drop
         else:

@@ -35,8 +35,15 @@ def search(
     evaluate: Callable[[frozenset[str]], float],
     budget: float,
     progress: Callable[[str], None] | None = None,
+    rank: Callable[[frozenset[str]], float] | None = None,
 ) -> BudgetResult:
-    """``evaluate(kept_float) -> drop``; returns the smallest most-sensitive-first set that fits."""
+    """``evaluate(kept_float) -> drop``; returns the smallest most-sensitive-first set that fits.
+
+    ``rank`` (default: ``evaluate``) measures the per-layer sensitivities. A task metric that is
+    coarse (a few dozen right/wrong answers) cannot tell most single layers apart; a smooth one
+    (top-1 agreement over every position, cosine) can, while the task metric still judges the budget.
+    """
+    rank = rank or evaluate
     say = progress or (lambda _: None)
     calls = 0
 
@@ -52,7 +59,8 @@ def search(
     everyone = frozenset(layers)
     for i, layer in enumerate(layers):
         say(f"sensitivity {i + 1}/{len(layers)}")
-        sensitivity[layer] = run(everyone - {layer})
+        calls += 1
+        sensitivity[layer] = rank(everyone - {layer})
     ranked = sorted(layers, key=lambda name: -sensitivity[name])
     everything = run(frozenset(ranked))
     if everything > budget:

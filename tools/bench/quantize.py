@@ -80,8 +80,9 @@ def rec_case():
         return f"{sum(a == b for a, b in zip(got, expected))}/{len(expected)} held-out words read as fp32"
 
     variants = {
-        "edgec int8": QuantOptions("int8", calibration="percentile"),
-        "edgec int8 (same-text budget)": QuantOptions("int8", calibration="percentile", max_accuracy_drop=0.0, metric=_same_text(calib, chars, fp32)),
+        "edgec int8 (minmax)": QuantOptions("int8"),
+        "edgec int8 (percentile)": QuantOptions("int8", calibration="percentile"),
+        "edgec int8 (same-text budget)": QuantOptions("int8", max_accuracy_drop=0.0, metric=_same_text(calib, chars, fp32)),
     }
     return "PP-OCRv4 rec (1×3×48×320)", src, calib, {"x": ocr.rec_preprocess(lines[1])}, accuracy, variants
 
