@@ -324,6 +324,24 @@ def bench(bundle, baseline, shape, input_specs, repeats, threads, as_json):
                   f"   (first load, filling the cache: {r['bundle']['first_load_ms']:.1f} ms)")
 
 
+@main.command("import")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Folder to write (model.onnx, tokenizer.json, generation.json).")
+@click.option("--weights", type=click.Choice(["float", "gguf-int4"]), default="float", show_default=True,
+              help="float: dequantize to float32; gguf-int4: keep the GGUF's own 4/8-bit blocks exactly.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+def import_(model, output, weights, force):
+    """Import a GGUF (llama architecture) as an ONNX decoder with its tokenizer and generation config."""
+    from edgec.models.llama import import_gguf
+
+    with err.status(f"importing {model.name}", spinner="dots"):
+        import_gguf(model, output, weights=weights, force=force)
+    config = json.loads((output / "generation.json").read_text())
+    size = sum(p.stat().st_size for p in output.iterdir())
+    out.print(f"[green]✓[/] {output}  {config.get('model') or model.stem}  {size / 1e6:.0f} MB  "
+              f"context {config.get('context_length')}  weights {weights}")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 def targets(as_json):

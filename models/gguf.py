@@ -10,7 +10,7 @@ things the way the builders need them:
     model.metadata["tokenizer.ggml.model"]           'gpt2'
     model.tensor("blk.0.attn_q.weight").ggml_type    'Q4_1'
     model.dequantize("blk.0.attn_q.weight")          float32 [576, 576]  ([out, in], as torch stores it)
-    model.blocks("blk.0.attn_q.weight")              the 4-bit codes and scales, untouched
+    model.blocks("blk.0.attn_q.weight")              QuantBlocks: codes and scales as stored (Q4_0/Q4_1/Q8_0)
 
 Shapes are numpy order: GGUF lists dimensions innermost first (``ne0`` = the input features of a
 linear layer), so a GGUF ``[576, 1536]`` weight is numpy ``[1536, 576]``, i.e. ``[out, in]``. ggml
@@ -30,10 +30,11 @@ import numpy as np
 
 from edgec.errors import InputError
 
-#: ggml block sizes for the 4-bit formats kept as blocks (``GGUFModel.blocks``).
-QK4 = 32
-#: Bytes per 32-value block: fp16 d + 16 bytes of nibbles (Q4_0); fp16 d + fp16 m + nibbles (Q4_1).
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+#: Values per block in the block formats kept as blocks (``GGUFModel.blocks``).
+QK = 32
+#: Bytes per 32-value block: fp16 d + 16 bytes of nibbles (Q4_0); fp16 d + fp16 m + nibbles (Q4_1);
+#: fp16 d + 32 int8 (Q8_0).
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 _MAGIC = b"GGUF"
 
 
@@ -70,24 +71,33 @@ class GGUFTensor:
 
 
 @dataclass(frozen=True)
-class Blocks4:
-    """A Q4_0 or Q4_1 weight [rows, cols] as ggml stores it, unpacked but not dequantized.
+class QuantBlocks:
+    """A Q4_0, Q4_1 or Q8_0 tensor [rows, cols] as ggml stores it, unpacked but not dequantized.
 
-    Value ``(r, c)`` is ``d[r, c // 32] * codes[r, c] + offset``, where the offset is ``-8 * d`` for
-    Q4_0 (``d * (q - 8)``) and ``m[r, c // 32]`` for Q4_1 (``d * q + m``).
+    Value ``(r, c)``, with ``b = c // 32``, is
+
+        Q4_0   d[r, b] * (codes[r, c] - 8)        codes uint8 0..15
+        Q4_1   d[r, b] * codes[r, c] + m[r, b]    codes uint8 0..15
+        Q8_0   d[r, b] * codes[r, c]              codes int8 -128..127
     """
 
     ggml_type: str
-    codes: np.ndarray  #: uint8 [rows, cols], 0..15
+    codes: np.ndarray  #: [rows, cols]
     d: np.ndarray  #: float16 [rows, cols // 32]
-    m: np.ndarray | None  #: float16 [rows, cols // 32] for Q4_1, None for Q4_0
+    m: np.ndarray | None = None  #: float16 [rows, cols // 32], Q4_1 only
+
+    def take_rows(self, index: np.ndarray) -> QuantBlocks:
+        """The same blocks with rows reordered (rows are whole blocks, so this is exact)."""
+        return QuantBlocks(self.ggml_type, self.codes[index], self.d[index], None if self.m is None else self.m[index])
 
     def dequantize(self) -> np.ndarray:
         """float32 [rows, cols], computed as ``gguf.quants`` does (so equal to ``GGUFModel.dequantize``)."""
-        d = np.repeat(self.d.astype(np.float32), QK4, axis=1)
-        if self.m is None:
+        d = np.repeat(self.d.astype(np.float32), QK, axis=1)
+        if self.ggml_type == "Q4_0":
             return d * (self.codes.astype(np.int8) - np.int8(8)).astype(np.float32)
-        return d * self.codes.astype(np.float32) + np.repeat(self.m.astype(np.float32), QK4, axis=1)
+        if self.ggml_type == "Q8_0":
+            return d * self.codes.astype(np.float32)
+        return d * self.codes.astype(np.float32) + np.repeat(self.m.astype(np.float32), QK, axis=1)
 
 
 class GGUFModel:
@@ -133,19 +143,21 @@ class GGUFModel:
             ) from None
         return np.ascontiguousarray(values.reshape(t.shape), dtype=np.float32)
 
-    def blocks(self, name: str) -> Blocks4:
-        """The 4-bit blocks of a Q4_0/Q4_1 tensor, unpacked to one code per value."""
+    def blocks(self, name: str) -> QuantBlocks:
+        """The blocks of a Q4_0/Q4_1/Q8_0 tensor, unpacked to one code per value (nothing is rounded)."""
         t = self.tensor(name)
         if t.ggml_type not in _BLOCK_BYTES:
-            raise InputError(f"{self.path}: tensor {name!r} is {t.ggml_type}, not Q4_0 or Q4_1")
+            raise InputError(f"{self.path}: tensor {name!r} is {t.ggml_type}, not one of {', '.join(_BLOCK_BYTES)}")
         rows, cols = t.shape[0], int(np.prod(t.shape[1:]))
-        raw = np.asarray(t.data).reshape(rows, cols // QK4, _BLOCK_BYTES[t.ggml_type])
+        raw = np.asarray(t.data).reshape(rows, cols // QK, _BLOCK_BYTES[t.ggml_type])
         d = raw[..., 0:2].copy().view(np.float16)[..., 0]
+        if t.ggml_type == "Q8_0":
+            return QuantBlocks("Q8_0", raw[..., 2:].copy().view(np.int8).reshape(rows, cols), d)
         m = raw[..., 2:4].copy().view(np.float16)[..., 0] if t.ggml_type == "Q4_1" else None
         nibbles = raw[..., -16:]
-        # ggml packs value j in the low nibble of byte j and value j + 16 in its high nibble.
+        # ggml packs value j of a block in the low nibble of byte j and value j + 16 in its high nibble.
         codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols)
-        return Blocks4(t.ggml_type, codes, d, m)
+        return QuantBlocks(t.ggml_type, codes, d, m)
 
     @property
     def hparams(self) -> HyperParameters:
