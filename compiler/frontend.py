@@ -20,7 +20,9 @@ from google.protobuf.message import DecodeError
 from edgec.bundle import sha256_file
 from edgec.errors import ModelLoadError, ShapeError
 
-#: Every model is brought to this opset before the passes run; targets lower from it.
+#: Older models are brought up to this opset before the passes run; targets lower from it. Newer ones
+#: (opset 21 int4 QDQ, e.g. a GGUF imported with its own 4-bit blocks) keep theirs: ONNX has no
+#: down-converter for the types they use.
 INTERNAL_OPSET = 18
 #: Largest element count edgec accepts for one input: int32 indexing is what device runtimes use.
 MAX_INPUT_ELEMENTS = 2**31 - 1
@@ -111,7 +113,7 @@ def default_opset(proto: onnx.ModelProto) -> int:
 
 def to_internal_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     opset = default_opset(proto)
-    if opset == INTERNAL_OPSET:
+    if opset >= INTERNAL_OPSET:
         return proto
     try:
         return onnx.version_converter.convert_version(proto, INTERNAL_OPSET)

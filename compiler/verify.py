@@ -23,7 +23,8 @@ DEFAULT_TOLERANCE = 1e-3
 def class_score_outputs(model: ir.Model) -> set[str]:
     """Outputs that are class scores, where top-1 agreement is the measure that matters.
 
-    Made by Softmax/LogSoftmax along the last axis, or a (batch, classes) result of a final
+    Named ``logits`` (decoders: top-1 is next-token agreement), made by Softmax/LogSoftmax along
+    the last axis, or a (batch, classes) result of a final
     Gemm/MatMul (+ bias). Shape alone cannot tell: a transformer's (batch, seq, hidden) state
     looks like (batch, seq, classes).
     """
@@ -32,7 +33,7 @@ def class_score_outputs(model: ir.Model) -> set[str]:
         node = value.producer()
         if node is None or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             continue
-        if node.op_type in ("Softmax", "LogSoftmax"):
+        if node.op_type in ("Softmax", "LogSoftmax") or value.name == "logits":  # a decoder's next-token scores
             found.add(value.name)
         elif node.op_type == "Add" and any(i.producer() is not None and i.producer().op_type == "MatMul" for i in node.inputs):
             node = next(i.producer() for i in node.inputs if i.producer() is not None and i.producer().op_type == "MatMul")

@@ -144,13 +144,16 @@ def _summary(m: dict, output: Path) -> None:
     out.print(f"[green]✓[/] {output}  target={m['target']}  {size / 1e6:.1f} MB  nodes {nodes[0]} → {nodes[1]}")
     out.print(f"  verified on {v['samples']} {v['data']} samples: max abs err {worst['max_abs']:.3g}, cosine {worst['cosine']:.6f}"
               + (f", top-1 {worst['top1']:.3f}" if "top1" in worst else ""))
+    if "perplexity" in v:
+        out.print(f"  perplexity on real text: source {v['perplexity']['source']:.2f}, bundle {v['perplexity']['artifact']:.2f}")
     out.print(f"  placement: {devices}")
     q = m.get("quantization")
     if q:
         kept = [layer["node"] for layer in q["layers"] if layer["precision"] == "float"]
         acc = q["accuracy"]
-        out.print(f"  quantized {q['mode']}: weights {q['weight_bytes_before'] / 1e6:.2f} → {q['weight_bytes_after'] / 1e6:.2f} MB, "
-                  f"{len(q['layers']) - len(kept)}/{len(q['layers'])} layers quantized"
+        before = f"{q['weight_bytes_before'] / 1e6:.2f} → " if q["weight_bytes_before"] else ""
+        out.print(f"  quantized {q['mode']}: weights {before}{q['weight_bytes_after'] / 1e6:.2f} MB ({q['weights']})"
+                  + (f", {len(q['layers']) - len(kept)}/{len(q['layers'])} layers quantized" if q["layers"] else "")
                   + (f", {acc['metric']} drop {acc['drop']:.3%}" + (f" (budget {acc['budget']:.3%})" if acc["budget"] is not None else "") if acc else ""))
 
 
@@ -207,7 +210,7 @@ def _inspect(m: dict, placement: list[dict], nodes: bool) -> None:
         acc = q["accuracy"] or {}
         title = (f"quantization {q['mode']}: weights {q['weights']}, activations {q['activations']}"
                  + (f", calibration {q['calibration']}" if q["calibration"] else "")
-                 + f"; weights {q['weight_bytes_before']:,} → {q['weight_bytes_after']:,} bytes"
+                 + (f"; weights {q['weight_bytes_before']:,} → {q['weight_bytes_after']:,} bytes" if q["weight_bytes_before"] else "")
                  + (f"; {acc['metric']} drop {acc['drop']:.3%} on {acc['samples']} samples" if acc else "")
                  + (f" (budget {acc['budget']:.3%})" if acc.get("budget") is not None else ""))
         layers = Table("layer", "op", "precision", "sensitivity", "why", title=escape(title), title_justify="left")

@@ -135,7 +135,7 @@ def test_unreadable_model_is_refused(kind, workdir):
 
 def test_directory_as_model_is_refused(workdir):
     (workdir / "export").mkdir()
-    assert_refused(cli("compile", "export", "-o", "out.edgec"), "export", "is a directory")
+    assert_refused(cli("compile", "export", "-o", "out.edgec"), "export", "must hold model.onnx")
     assert_nothing_left(workdir / "out.edgec")
 
 

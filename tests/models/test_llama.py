@@ -650,3 +650,22 @@ def test_cli_import(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     bad = CliRunner().invoke(main, ["import", str(tmp_path / "junk.gguf"), "-o", str(tmp_path / "junk")])
     assert bad.exit_code == 2 and "not a GGUF" in bad.output and not (tmp_path / "junk").exists()
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_compile_gguf_into_a_decoder_bundle(tmp_path, quantize):
+    """`edgec compile X.gguf`: imported on the fly, verified on real text, tokenizer and config carried along."""
+    import edgec
+
+    gguf_file = write_tiny_llama(tmp_path / "tiny.gguf")
+    bundle = edgec.compile(gguf_file, "cpu", tmp_path / "lm.edgec", quantize=quantize)
+    m = bundle.manifest
+    assert m["kind"] == "decoder" and {"tokenizer.json", "generation.json"} <= set(m["files"])
+    assert m["source"]["path"] == "tiny.gguf" and m["source"]["sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    v = m["verification"]
+    assert v["data"] == "text:pydoc_data.topics" and v["outputs"]["logits"]["top1"] > 0.9
+    assert v["perplexity"]["artifact"] == pytest.approx(v["perplexity"]["source"], rel=0.05)
+    if quantize:
+        assert m["quantization"]["weights"].startswith("the GGUF's own blocks")
+        ops = {p["op"] for p in json.loads((bundle.path / "reports" / "placement.json").read_text())}
+        assert "com.microsoft::MatMulNBits" in ops
