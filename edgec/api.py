@@ -22,6 +22,14 @@ def compile(model: str | os.PathLike, target: str = "cpu", output: str | os.Path
     return compile_model(model, target, output, **options)
 
 
-def load(path: str | os.PathLike, *, cache: bool = True, threads: int | None = None) -> Model:
-    """Open a bundle (folder or zip), check its hashes, and return a ``Model`` ready to ``run()``."""
-    return Model(_bundle.open_bundle(path), cache=cache, threads=threads)
+def load(path: str | os.PathLike, *, cache: bool = True, threads: int | None = None):
+    """Open a bundle (folder or zip) and check its hashes.
+
+    Returns a ``Model`` (``run(feeds)``), or for a decoder bundle an ``LLM`` (``generate()``, ``chat()``).
+    """
+    bundle = _bundle.open_bundle(path)
+    if bundle.manifest.get("kind") == "decoder":
+        from edgec.runtime.llm import LLM
+
+        return LLM.from_bundle(bundle, threads=threads, cache=cache)
+    return Model(bundle, cache=cache, threads=threads)

@@ -236,6 +236,40 @@ def _inspect(m: dict, placement: list[dict], nodes: bool) -> None:
     out.print("tools " + ", ".join(f"{k} {v}" for k, v in m["tools"].items() if k != "platform"))
 
 
+def sampling_options(fn):
+    """The generation flags shared by run --prompt, chat and serve-side defaults."""
+    for option in reversed([
+        click.option("--max-tokens", type=int, default=256, show_default=True, help="Most new tokens."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0: off)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off)."),
+        click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below min-p × the top probability."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="> 1 discourages repeats."),
+        click.option("--seed", type=int, help="Makes sampling reproducible."),
+        click.option("--stop", multiple=True, help="Stop at this text (repeatable)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _sampling(kw: dict):
+    from edgec.runtime.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
+                          min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"],
+                          stop=list(kw["stop"])).validate()
+
+
+def _stream(chunks) -> object:
+    """Print chunks as they come; return the last (it carries finish_reason, usage, timings)."""
+    last = None
+    for chunk in chunks:
+        click.echo(chunk.text, nl=False)
+        last = chunk
+    click.echo()
+    return last
+
+
 def _read_inputs(specs: tuple[str, ...], inputs: list[dict]) -> dict[str, np.ndarray]:
     """``--input x=a.npy`` (repeatable) or ``--input all.npz``."""
     feeds: dict[str, np.ndarray] = {}
@@ -263,12 +297,19 @@ def _read_inputs(specs: tuple[str, ...], inputs: list[dict]) -> dict[str, np.nda
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--input", "-i", "input_specs", multiple=True, metavar="NAME=FILE.npy | FILE.npz", help="Input tensors.")
 @click.option("--output-dir", type=click.Path(path_type=Path), help="Write each output as NAME.npy here.")
-@click.option("--json", "as_json", is_flag=True, help="Print output names, shapes and stats as JSON.")
-def run(bundle, input_specs, output_dir, as_json):
-    """Run a bundle on input tensors."""
+@click.option("--prompt", "-p", help="Decoder bundles: the text to continue (as a chat turn if the model has a template).")
+@click.option("--raw", is_flag=True, help="With --prompt: continue the text as is, without the chat template.")
+@sampling_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def run(bundle, input_specs, output_dir, prompt, raw, as_json, **sampling):
+    """Run a bundle on input tensors, or generate text from a decoder bundle with --prompt."""
     import edgec
 
+    if prompt is not None:
+        return _run_prompt(bundle, prompt, raw, as_json, _sampling(sampling))
     with edgec.load(bundle) as model:
+        if not hasattr(model, "run"):
+            raise InputError(f"{bundle} is a decoder bundle: give --prompt TEXT (or use `edgec chat`)")
         feeds = _read_inputs(input_specs, model.inputs)
         if not feeds:
             raise InputError(f"no inputs given; the model takes {[i['name'] for i in model.inputs]}: use --input NAME=FILE.npy")
@@ -288,6 +329,98 @@ def run(bundle, input_specs, output_dir, as_json):
             out.print(f"outputs written to {output_dir}/")
 
 
+def _run_prompt(bundle: Path, prompt: str, raw: bool, as_json: bool, params) -> None:
+    import edgec
+
+    with edgec.load(bundle) as llm:
+        if not hasattr(llm, "generate"):
+            raise InputError(f"{bundle} is not a decoder bundle: --prompt needs one (compile a GGUF or an `edgec import` folder)")
+        chat = not raw and bool(llm.generation.get("chat_template"))
+        messages = [{"role": "user", "content": prompt}]
+        if as_json:
+            done = llm.chat(messages, params) if chat else llm.generate(prompt, params)
+            click.echo(json.dumps({"text": done.text, "finish_reason": done.finish_reason, "usage": vars(done.usage),
+                                   "timings": vars(done.timings)}, indent=2))
+            return
+        last = _stream(llm.chat(messages, params, stream=True) if chat else llm.generate(prompt, params, stream=True))
+        if last is not None and last.timings is not None:
+            t = last.timings
+            err.print(f"[dim]{last.usage.completion_tokens} tokens, {last.finish_reason}; time to first token "
+                      f"{t.time_to_first_token * 1e3:.0f} ms, decode {t.decode_tokens_per_second:.1f} tok/s[/]")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--system", help="A system message to start the conversation with.")
+@sampling_options
+def chat(bundle, system, **sampling):
+    """Chat with a decoder bundle: streaming answers, history kept. /reset clears it, /exit or Ctrl-D ends."""
+    import edgec
+
+    params = _sampling(sampling)
+    with edgec.load(bundle) as llm:
+        if not hasattr(llm, "chat"):
+            raise InputError(f"{bundle} is not a decoder bundle")
+        start = [{"role": "system", "content": system}] if system else []
+        history = list(start)
+        err.print(f"[dim]{llm.name}: context {llm.context_length} tokens. /reset, /exit[/]")
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                click.echo()
+                return
+            if line.strip() in ("/exit", "/quit"):
+                return
+            if line.strip() == "/reset":
+                history = list(start)
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                chunks = llm.chat(history, params, stream=True, truncate="left")
+                pieces = []
+                for chunk in chunks:
+                    click.echo(chunk.text, nl=False)
+                    pieces.append(chunk.text)
+                click.echo()
+            except KeyboardInterrupt:  # stop this answer, keep the conversation
+                click.echo(" [stopped]")
+            history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; 0.0.0.0 is every interface (set --api-key then).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--name", help="The model id clients send as `model` (default: BUNDLE's name without .edgec/.zip).")
+@click.option("--api-key", envvar="EDGEC_API_KEY", help="Require `Authorization: Bearer KEY` (also read from EDGEC_API_KEY).")
+@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=0), help="Requests that may wait while one generates; more get 429.")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), help="Largest max_tokens a request may ask for (also caps the default).")
+@click.option("--max-request-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1), help="Largest request body; larger gets 413.")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: one per core).")
+def serve(bundle, host, port, name, api_key, max_queue, max_tokens_limit, max_request_bytes, threads):
+    """Serve a decoder BUNDLE as an OpenAI-compatible API at http://HOST:PORT/v1 (needs the server extra)."""
+    import edgec
+
+    try:
+        from edgec.runtime.server import serve as run_server
+    except ImportError as exc:
+        raise InputError(f"edgec serve needs the server extra: pip install 'edgec[server]' ({exc.name} is missing)") from None
+    with edgec.load(bundle, threads=threads) as llm:
+        if not hasattr(llm, "generate"):
+            raise InputError(f"{bundle} is not a decoder bundle: edgec serve needs one (compile a GGUF or an `edgec import` folder)")
+        name = name or bundle.resolve().name.removesuffix(".zip").removesuffix(".edgec")
+        err.print(f"serving [bold]{escape(name)}[/] (context {llm.context_length} tokens) at http://{host}:{port}/v1",
+                  soft_wrap=True)
+        try:
+            run_server({name: llm}, host=host, port=port, api_key=api_key, max_queue=max_queue,
+                       max_tokens_limit=max_tokens_limit, max_request_bytes=max_request_bytes)
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its clean shutdown
+            pass
+
+
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -299,12 +432,31 @@ def _safe_name(name: str) -> str:
 @click.option("--input", "-i", "input_specs", multiple=True, metavar="NAME=FILE.npy | FILE.npz", help="Real inputs instead.")
 @click.option("--repeats", default=30, show_default=True, help="Timed runs per side.")
 @click.option("--threads", default=0, show_default=True, help="ORT intra-op threads for both sides (0: one per core).")
+@click.option("--prompt-tokens", default=128, show_default=True, help="Decoder bundles: prompt length.")
+@click.option("--gen-tokens", default=128, show_default=True, help="Decoder bundles: tokens to generate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def bench(bundle, baseline, shape, input_specs, repeats, threads, as_json):
-    """Latency p50/p90, load time and peak RSS of BUNDLE, and the ratio against --baseline."""
+def bench(bundle, baseline, shape, input_specs, repeats, threads, prompt_tokens, gen_tokens, as_json):
+    """Latency p50/p90, load time and peak RSS of BUNDLE, and the ratio against --baseline.
+
+    For a decoder bundle: prefill and decode tokens/s, time to first token and peak RSS (also
+    stored on this device for routing decisions)."""
     import edgec
+    from edgec.bundle import open_bundle
     from edgec.compiler import samples
-    from edgec.runtime.bench import bench_bundle
+    from edgec.runtime.bench import bench_bundle, bench_decoder
+
+    opened = open_bundle(bundle)
+    kind = opened.manifest.get("kind")
+    opened.close()
+    if kind == "decoder":
+        r = bench_decoder(bundle, prompt_tokens, gen_tokens, repeats=min(repeats, 3), threads=threads)
+        if as_json:
+            click.echo(json.dumps(r, indent=2))
+        else:
+            out.print(f"{bundle}: prompt {r['prompt_tokens']} tokens, generated {r['generated_tokens']:.0f}, threads {threads or 'default'}")
+            out.print(f"  prefill {r['prefill_tokens_per_second']:.1f} tok/s   decode {r['decode_tokens_per_second']:.1f} tok/s   "
+                      f"time to first token {r['time_to_first_token_ms']:.0f} ms   load {r['load_ms']:.0f} ms   peak RSS {r['peak_rss_mb']:.0f} MB")
+        return
 
     if baseline is not None and not baseline.is_file():
         raise InputError(f"--baseline {baseline}: no such file")

@@ -130,3 +130,50 @@ def _peak_rss_mb() -> float:
 
 if __name__ == "__main__":
     _child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+
+
+def bench_decoder(bundle_path: Path, prompt_tokens: int = 128, gen_tokens: int = 128, repeats: int = 3, threads: int = 0) -> dict:
+    """Prefill and decode tokens/s, time to first token and peak RSS of a decoder bundle.
+
+    The prompt is real text (``pydoc_data.topics``) cut to ``prompt_tokens``; decoding is greedy for
+    ``gen_tokens``. Medians over ``repeats``. The rates are also stored on this device
+    (``rates_file``) for routing policies that estimate local latency.
+    """
+    import edgec
+    from pydoc_data.topics import topics
+
+    llm = edgec.load(bundle_path, threads=threads or None)
+    text = " ".join(topics[k] for k in sorted(topics))
+    ids = llm.encode(text, add_special_tokens=False)[:prompt_tokens]
+    runs = [llm.generate(ids, max_tokens=gen_tokens, temperature=0.0) for _ in range(repeats)]
+    med = lambda key: statistics.median(getattr(r.timings, key) for r in runs)  # noqa: E731
+    result = {
+        "bundle": str(bundle_path),
+        "threads": threads,
+        "prompt_tokens": len(ids),
+        "generated_tokens": statistics.median(r.completion_tokens for r in runs),
+        "prefill_tokens_per_second": med("prefill_tokens_per_second"),
+        "decode_tokens_per_second": med("decode_tokens_per_second"),
+        "time_to_first_token_ms": med("time_to_first_token") * 1e3,
+        "load_ms": llm.load_seconds * 1e3,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    manifest = json.loads((Path(bundle_path) / "manifest.json").read_text()) if Path(bundle_path).is_dir() else None
+    if manifest is not None:
+        store_rates(manifest["files"][manifest["artifact"]]["sha256"], result)
+    llm.close()
+    return result
+
+
+def rates_file(artifact_sha256: str) -> Path:
+    """Where this device keeps a bundle's measured generation rates."""
+    return ort_backend.cache_dir() / "rates" / f"{artifact_sha256[:32]}.json"
+
+
+def store_rates(artifact_sha256: str, result: dict) -> None:
+    path = rates_file(artifact_sha256)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: result[k] for k in ("prefill_tokens_per_second", "decode_tokens_per_second",
+                                                      "time_to_first_token_ms", "prompt_tokens", "threads")}, indent=2))
+    tmp.replace(path)

@@ -669,3 +669,28 @@ def test_compile_gguf_into_a_decoder_bundle(tmp_path, quantize):
         assert m["quantization"]["weights"].startswith("the GGUF's own blocks")
         ops = {p["op"] for p in json.loads((bundle.path / "reports" / "placement.json").read_text())}
         assert "com.microsoft::MatMulNBits" in ops
+
+
+def test_cli_generation_commands(tmp_path):
+    """run --prompt, chat and bench on a decoder bundle (tiny random weights: plumbing, not quality)."""
+    from click.testing import CliRunner
+
+    import edgec
+    from edgec.cli import main
+
+    bundle = edgec.compile(write_tiny_llama(tmp_path / "tiny.gguf"), "cpu", tmp_path / "lm.edgec").path
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(bundle), "--prompt", "the", "--max-tokens", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.output)
+    assert done["usage"]["completion_tokens"] <= 5 and done["finish_reason"] in ("stop", "length")
+    result = runner.invoke(main, ["chat", str(bundle), "--max-tokens", "4"], input="hello\n/reset\nthe\n/exit\n")
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["bench", str(bundle), "--prompt-tokens", "16", "--gen-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    assert figures["prefill_tokens_per_second"] > 0 and figures["prompt_tokens"] == 16
+    bad = runner.invoke(main, ["run", str(bundle), "--prompt", "x", "--top-p", "2"])
+    assert bad.exit_code == 2 and "top_p" in bad.output
+    tensors = runner.invoke(main, ["run", str(bundle)])
+    assert tensors.exit_code == 2 and "--prompt" in tensors.output
