@@ -4,6 +4,7 @@
 2. `edgec compile` both models for the `cpu` target, verified on those real inputs.
 3. Read the page with the bundles and with onnxruntime on the source models, side by side.
 4. Benchmark each bundle against its source model (same process, interleaved runs).
+5. Compile SmolLM2-135M-Instruct from its GGUF and answer one chat turn locally.
 """
 
 from __future__ import annotations
@@ -87,7 +88,28 @@ def main() -> None:
         bench.add_row(name, f"{r['bundle']['p50_ms']:.2f}", f"{r['baseline']['p50_ms']:.2f}", f"{r['latency_ratio']:.3f}",
                       f"{r['bundle']['load_ms']:.1f}", f"{r['baseline']['load_ms']:.1f}")
     console.print(bench)
-    console.print(f"bundles in {OUT}/ — try: edgec inspect {bundles['rec']}")
+    chat_locally()
+    console.print(f"bundles in {OUT}/ — try: edgec inspect {bundles['rec']}, edgec chat {OUT / 'smollm2.edgec'}")
+
+
+def chat_locally() -> None:
+    """SmolLM2-135M-Instruct from its GGUF (4-bit blocks kept) to a bundle, then one chat turn."""
+    from edgec.models.llama import smollm2_path
+
+    console.rule("[bold]local chat: SmolLM2-135M-Instruct (GGUF Q4_1 → int4 cpu bundle)")
+    with console.status("compiling the GGUF"):
+        b = edgec.compile(smollm2_path(), "cpu", OUT / "smollm2.edgec", quantize="int4", force=True)
+    v = b.manifest["verification"]
+    console.print(f"[green]✓[/] smollm2.edgec  next-token agreement {v['outputs']['logits']['top1']:.3f}, perplexity on "
+                  f"pydoc text {v['perplexity']['artifact']:.2f} (source {v['perplexity']['source']:.2f})")
+    question = "What is the capital of France?"
+    console.print(f"[bold]user:[/] {question}\n[bold]assistant:[/] ", end="")
+    with edgec.load(b.path) as llm:
+        last = None
+        for last in llm.chat([{"role": "user", "content": question}], max_tokens=48, stream=True):
+            console.print(escape(last.text), end="")
+    t = last.timings
+    console.print(f"\n[dim]time to first token {t.time_to_first_token * 1e3:.0f} ms, decode {t.decode_tokens_per_second:.0f} tok/s[/]")
 
 
 if __name__ == "__main__":
