@@ -117,11 +117,16 @@ def build_tokenizer(model: GGUFModel):
     return tok
 
 
+#: llama.cpp's end-of-generation texts (llama-vocab.cpp): a control token spelled so ends a turn
+END_OF_GENERATION = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
+                               "_<EOT>", "<｜end▁of▁sentence｜>"})
+
+
 def generation_config(model: GGUFModel) -> dict[str, Any]:
     """What a generation loop needs from the GGUF: special ids and strings, chat template, context length.
 
-    ``eos_token_id`` lists every id that ends a turn: the EOS plus llama.cpp's EOT/EOM ids when the file
-    names them (llama.cpp stops on any "end of generation" token).
+    ``eos_token_id`` lists every id that ends a turn: the EOS, llama.cpp's EOT/EOM ids when the file
+    names them, and control tokens whose text llama.cpp treats as end-of-generation (it stops on any).
     """
     tokens: list[str] = _meta(model, "tokens") or []
 
@@ -130,6 +135,8 @@ def generation_config(model: GGUFModel) -> dict[str, Any]:
 
     bos, eos, pad = _meta(model, "bos_token_id"), _meta(model, "eos_token_id"), _meta(model, "padding_token_id")
     stops = [i for i in (eos, _meta(model, "eot_token_id"), _meta(model, "eom_token_id")) if i is not None]
+    types = _meta(model, "token_type") or []
+    stops += [i for i, (text, kind) in enumerate(zip(tokens, types)) if kind == _CONTROL and text in END_OF_GENERATION]
     stops = list(dict.fromkeys(stops))
     hp = model.hparams
     return {

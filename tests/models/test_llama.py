@@ -391,7 +391,9 @@ def test_import_writes_a_folder_atomically(tiny, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["generation.json", "model.onnx", "tokenizer.json"]
     config = json.loads((out / "generation.json").read_text())
     tokens = tiny.metadata["tokenizer.ggml.tokens"]
-    assert config["eos_token_id"] == [len(tokens) - 1] and config["eos_tokens"] == ["<|im_end|>"]
+    # the EOS, then <|endoftext|>: a control token llama.cpp also ends generation on
+    assert config["eos_token_id"] == [len(tokens) - 1, len(tokens) - 3]
+    assert config["eos_tokens"] == ["<|im_end|>", "<|endoftext|>"]
     assert config["bos_token_id"] == len(tokens) - 2 and config["context_length"] == TINY["context"]
     assert "<|im_start|>" in config["chat_template"] and config["weights"] == "gguf-int4"
     assert config["source_sha256"] == hashlib.sha256(tiny.path.read_bytes()).hexdigest()
