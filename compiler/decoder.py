@@ -31,6 +31,7 @@ class Source:
     onnx: Path
     sidecars: list[Path] = field(default_factory=list)
     gguf_weights: str | None = None  #: "float" or "gguf-int4" when imported from a GGUF
+    reference: Path | None = None  #: what verification compares against, when not ``onnx`` itself
     _tmp: tempfile.TemporaryDirectory | None = None
 
     def close(self) -> None:
@@ -48,10 +49,12 @@ def resolve(path: Path, quantize_mode: str | None) -> Source:
         tmp = tempfile.TemporaryDirectory(prefix="edgec-gguf-")
         try:
             folder = import_gguf(path, Path(tmp.name) / "import", weights=weights)
+            # the 4-bit bundle is verified against the float32 reference of the same weights
+            reference = import_gguf(path, Path(tmp.name) / "float") / "model.onnx" if weights != "float" else None
         except BaseException:
             tmp.cleanup()
             raise
-        return Source(folder / "model.onnx", [folder / s for s in SIDECARS], weights, tmp)
+        return Source(folder / "model.onnx", [folder / s for s in SIDECARS], weights, reference, tmp)
     if path.is_dir():
         onnx_file = path / "model.onnx"
         if not onnx_file.is_file():

@@ -113,7 +113,10 @@ def _compile(src, given, output, tgt, passes, out_dir, step, input_shapes, sampl
         feeds, data = samples.read_calib(calib, inputs, limit=samples_count, options=calib_options), f"calib:{Path(calib).name}"
     else:
         feeds, data = samples.generate(samples.with_shapes(inputs, sample_shapes or {}), samples_count), "generated"
-    report = _verify(src.onnx, out_dir / lowered.artifact, lowered.runtime, feeds, data, tolerance, classes, is_decoder)
+    report = _verify(src.reference or src.onnx, out_dir / lowered.artifact, lowered.runtime, feeds, data, tolerance, classes,
+                     is_decoder)
+    if src.reference is not None:
+        report["reference"] = "float32 import of the same GGUF weights"
     (out_dir / "reports").mkdir()
     (out_dir / "reports" / "placement.json").write_text(json.dumps([p.to_json() for p in placement], indent=1) + "\n")
     opset = model.opset_imports.get("", frontend.INTERNAL_OPSET)
