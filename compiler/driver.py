@@ -93,7 +93,7 @@ def _compile(src, given, output, tgt, passes, out_dir, step, input_shapes, sampl
     model, quant_report = fe.model, None
     classes = verify.class_score_outputs(fe.model)
     if quantize is not None and src.gguf_weights == "gguf-int4" and quantize.mode == "int4":
-        quant_report = _gguf_blocks_report(fe.model)  # the GGUF's blocks are already int4: nothing to redo
+        quant_report = _gguf_blocks_report(fe.model, quantize)  # the GGUF's blocks are already int4: nothing to redo
     elif quantize is not None:
         real = calib is not None
         feed = (lambda: samples.read_calib(calib, inputs, limit=calib_samples, options=calib_options)) if real else None
@@ -148,13 +148,14 @@ def _gguf_source(given: Path, src) -> dict:
     return {"sha256": _bundle.sha256_file(given), "size": given.stat().st_size, "imported": f"gguf, weights {src.gguf_weights}"}
 
 
-def _gguf_blocks_report(model) -> dict:
+def _gguf_blocks_report(model, options: QuantOptions) -> dict:
     from edgec.compiler.pipeline import weight_bytes
 
     return {
         "mode": "int4",
         "weights": "the GGUF's own blocks, kept exactly (Q4_0 -> int4 QDQ, Q4_1 -> uint4 QDQ + block offsets, Q8_0 -> int8 QDQ)",
         "activations": "float",
+        "int4_accuracy": options.int4_accuracy,
         "calibration": None,
         "weight_bytes_before": None,
         "weight_bytes_after": weight_bytes(model),

@@ -69,6 +69,8 @@ def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True, help="int4 block size.")
 @click.option("--asymmetric", is_flag=True, help="int4 with zero points (default symmetric).")
 @click.option("--int4-method", type=click.Choice(["rtn", "hqq"]), default="rtn", show_default=True, help="int4 rounding: round-to-nearest or HQQ.")
+@click.option("--int4-accuracy", type=click.Choice(["fast", "exact"]), default="fast", show_default=True,
+              help="fast: int4 kernels may quantize activations to int8; exact: float accumulation (slower).")
 @click.option("--disable-pass", multiple=True, metavar="NAME", help="Skip a pass (repeatable).")
 @click.option("--check-each-pass", is_flag=True, help="Check the model after every pass.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
@@ -77,7 +79,7 @@ def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def compile(model, target, output, input_shape, sample_shape, calib, calib_mean, calib_std, calib_bgr, tokenizer, calib_max_length,
             samples, tolerance, quantize, calibration, calib_samples, max_accuracy_drop, keep_float, block_size, asymmetric,
-            int4_method, disable_pass, check_each_pass, force, as_zip, quiet, as_json):
+            int4_method, int4_accuracy, disable_pass, check_each_pass, force, as_zip, quiet, as_json):
     """Compile MODEL (.onnx) for a target into a verified bundle."""
     import edgec
     from edgec.compiler.quantize import QuantOptions
@@ -91,7 +93,7 @@ def compile(model, target, output, input_shape, sample_shape, calib, calib_mean,
     if quantize:
         quant = QuantOptions(
             mode=quantize, calibration=calibration, block_size=int(block_size), symmetric=not asymmetric,
-            int4_method=int4_method, max_accuracy_drop=_fraction(max_accuracy_drop), keep_float=keep_float,
+            int4_method=int4_method, int4_accuracy=int4_accuracy, max_accuracy_drop=_fraction(max_accuracy_drop), keep_float=keep_float,
         )
     elif max_accuracy_drop or keep_float:
         raise InputError("--max-accuracy-drop and --keep-float need --quantize")

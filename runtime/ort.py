@@ -39,6 +39,8 @@ def session_options(settings: dict) -> ort.SessionOptions:
         ort.ExecutionMode.ORT_PARALLEL if settings.get("execution_mode") == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
     )
     opts.log_severity_level = 3  # warnings about hardware-specific saved graphs are expected here
+    for key, value in settings.get("config", {}).items():  # ORT session config entries, e.g. MatMulNBits accuracy
+        opts.add_session_config_entry(key, str(value))
     return opts
 
 

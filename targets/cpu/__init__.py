@@ -71,7 +71,7 @@ class CpuTarget:
         if quant.get("mode") == "int8-dynamic":
             lower_dynamic_matmuls(model)
         elif quant.get("mode") == "int4":
-            lower_int4_matmuls(model, accuracy_level=4)
+            lower_int4_matmuls(model, accuracy_level=_int4_level(quant))
         unplaced = [p for p in self.placement(model) if p.device == "none"]
         if unplaced:
             p = unplaced[0]
@@ -90,6 +90,8 @@ class CpuTarget:
             _write_required_operators(out_dir / "model.ort", out_dir / "required_operators.config")
             files += ["model.ort", "required_operators.config"]
         settings = {"backend": "onnxruntime", **ort_backend.DEFAULT_SETTINGS}
+        if quant.get("mode") == "int4":  # also for the int4/int8 weights ORT fuses into MatMulNBits itself at load
+            settings["config"] = {"session.qdq_matmulnbits_accuracy_level": _int4_level(quant)}
         notes = []
         if quant.get("mode") == "fp16":
             slow = [op for op, ok in fp16_kernel_coverage(model).items() if not ok]
@@ -97,6 +99,11 @@ class CpuTarget:
                 notes.append(f"fp16: onnxruntime {ort.__version__} on {platform.machine()} has no float16 kernel for {', '.join(slow)}: "
                              "it casts them to float32 at load, so the bundle is half the size but runs no faster than float32 here")
         return Lowered(artifact="model.onnx", files=files, runtime=settings, notes=notes)
+
+
+def _int4_level(quant: dict) -> int:
+    """MatMulNBits accuracy level: 4 lets ORT quantize activations to int8 (fast), 0 accumulates in float."""
+    return 0 if quant.get("int4_accuracy") == "exact" else 4
 
 
 def fuse_for_ort(model: ir.Model) -> dict[str, int]:

@@ -654,19 +654,22 @@ def test_cli_import(tmp_path):
     assert bad.exit_code == 2 and "not a GGUF" in bad.output and not (tmp_path / "junk").exists()
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"])
+@pytest.mark.parametrize("quantize", [None, "int4", "int4-exact"])
 def test_compile_gguf_into_a_decoder_bundle(tmp_path, quantize):
     """`edgec compile X.gguf`: imported on the fly, verified on real text, tokenizer and config carried along."""
     import edgec
 
+    from edgec.compiler.quantize import QuantOptions
+
     gguf_file = write_tiny_llama(tmp_path / "tiny.gguf")
-    bundle = edgec.compile(gguf_file, "cpu", tmp_path / "lm.edgec", quantize=quantize)
+    options = QuantOptions("int4", int4_accuracy="exact") if quantize == "int4-exact" else quantize
+    bundle = edgec.compile(gguf_file, "cpu", tmp_path / "lm.edgec", quantize=options)
     m = bundle.manifest
     assert m["kind"] == "decoder" and {"tokenizer.json", "generation.json"} <= set(m["files"])
     assert m["source"]["path"] == "tiny.gguf" and m["source"]["sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
     v = m["verification"]
     assert v["data"] == "text:pydoc_data.topics" and v["perplexity"]["source"] > 0
-    if quantize is None:  # random weights: only the float bundle is expected to track the source closely
+    if quantize != "int4":  # random weights: only float and exact int4 are expected to track the reference closely
         assert v["outputs"]["logits"]["top1"] > 0.9
         assert v["perplexity"]["artifact"] == pytest.approx(v["perplexity"]["source"], rel=0.05)
     else:
