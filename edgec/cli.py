@@ -207,6 +207,10 @@ def _inspect(m: dict, placement: list[dict], nodes: bool) -> None:
         ver.add_row(name, f"{o['max_abs']:.3g}", f"{o['mean_abs']:.3g}", f"{o['rel_err']:.3g}", f"{o['cosine']:.6f}",
                     f"{o['top1']:.4f}" if "top1" in o else "-")
     out.print(ver)
+    if "perplexity" in v:
+        ref = f" ({v['reference']})" if "reference" in v else ""
+        out.print(f"perplexity on {v['data'].removeprefix('text:')}: reference{escape(ref)} {v['perplexity']['source']:.2f}, "
+                  f"bundle {v['perplexity']['artifact']:.2f}")
     q = m.get("quantization")
     if q:
         acc = q["accuracy"] or {}
