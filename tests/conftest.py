@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -54,3 +57,25 @@ def real_bundle(tmp_path_factory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_dirs(request) -> dict[str, Path]:
+    """SmolLM2-135M-Instruct imported both ways ("float", "gguf-int4"), kept in the pytest cache
+    until the GGUF or the importer's modules change."""
+    from edgec.models import gguf, gguf_tokenizer, llama
+
+    path = llama.smollm2_path()
+    cache = Path(request.config.cache.mkdir("edgec-smollm2"))
+    stat = path.stat()
+    modules = [Path(m.__file__) for m in (llama, gguf_tokenizer, gguf)]
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+                         + b"".join(p.read_bytes() for p in modules)).hexdigest()
+    dirs = {}
+    for weights in llama.WEIGHTS:
+        out, stamp = cache / weights, cache / f"{weights}.key"
+        if not (out.is_dir() and stamp.is_file() and stamp.read_text() == key):
+            llama.import_gguf(path, out, weights=weights, force=True)
+            stamp.write_text(key)
+        dirs[weights] = out
+    return dirs

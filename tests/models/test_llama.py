@@ -27,7 +27,6 @@ from edgec.errors import InputError, OutputExistsError
 from edgec.models import gguf_tokenizer, llama
 from edgec.models.gguf import GGUFModel, read_gguf
 
-MODULES = [Path(llama.__file__), Path(gguf_tokenizer.__file__), Path(llama.__file__).with_name("gguf.py")]
 
 
 # --- a reference forward pass, written independently of the builder ---------------------------------
@@ -468,37 +467,20 @@ def smol() -> GGUFModel:
 
 
 @pytest.fixture(scope="module")
-def smol_dirs(request, smol) -> dict[str, Path]:
-    """Both imports, kept in the pytest cache until the GGUF or these modules change."""
-    cache = Path(request.config.cache.mkdir("edgec-smollm2"))
-    stat = smol.path.stat()
-    key = hashlib.sha256(f"{smol.path}:{stat.st_size}:{stat.st_mtime_ns}".encode()
-                         + b"".join(p.read_bytes() for p in MODULES)).hexdigest()
-    dirs = {}
-    for weights in llama.WEIGHTS:
-        out, stamp = cache / weights, cache / f"{weights}.key"
-        if not (out.is_dir() and stamp.is_file() and stamp.read_text() == key):
-            llama.import_gguf(smol.path, out, weights=weights, force=True)
-            stamp.write_text(key)
-        dirs[weights] = out
-    return dirs
+def smol_float(smollm2_dirs) -> ort.InferenceSession:
+    return session(smollm2_dirs["float"] / "model.onnx")
 
 
 @pytest.fixture(scope="module")
-def smol_float(smol_dirs) -> ort.InferenceSession:
-    return session(smol_dirs["float"] / "model.onnx")
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer(smol_dirs):
+def smol_tokenizer(smollm2_dirs):
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(smol_dirs["float"] / "tokenizer.json"))
+    return Tokenizer.from_file(str(smollm2_dirs["float"] / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
-def smol_config(smol_dirs) -> dict:
-    return json.loads((smol_dirs["float"] / "generation.json").read_text())
+def smol_config(smollm2_dirs) -> dict:
+    return json.loads((smollm2_dirs["float"] / "generation.json").read_text())
 
 
 def chat_prompt(config: dict, question: str) -> str:
@@ -558,20 +540,20 @@ def test_smollm2_greedy_says_paris(smol_float, smol_tokenizer, smol_config):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_int4_matches_float(smol_dirs, smol_float, smol_tokenizer, smol_config):
+def test_smollm2_gguf_int4_matches_float(smollm2_dirs, smol_float, smol_tokenizer, smol_config):
     ids = smol_tokenizer.encode(PROMPT).ids
     want, _ = run(smol_float, [ids])
     # float32 compute: the GGUF blocks are the float model's weights, so only rounding differs.
-    exact, _ = run(session(smol_dirs["gguf-int4"] / "model.onnx", accuracy_level=0), [ids])
+    exact, _ = run(session(smollm2_dirs["gguf-int4"] / "model.onnx", accuracy_level=0), [ids])
     assert np.abs(exact - want).max() < 2e-3
     # ORT's default kernels quantize activations to int8 per block (accuracy level 4): measured mean
     # |diff| 0.35, max 2.9 on a 151-token passage, perplexity +1 %; the greedy text stays the same.
-    fast_session = session(smol_dirs["gguf-int4"] / "model.onnx")
+    fast_session = session(smollm2_dirs["gguf-int4"] / "model.onnx")
     fast, _ = run(fast_session, [ids])
     assert np.abs(fast - want).mean() < 0.6 and fast[0, -1].argmax() == want[0, -1].argmax()
     stop = smol_config["eos_token_id"]
     assert greedy(fast_session, ids, 10, stop) == greedy(smol_float, ids, 10, stop)
-    model = onnx.load(str(smol_dirs["gguf-int4"] / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(smollm2_dirs["gguf-int4"] / "model.onnx"), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["weight_storage"]) == {
         "Q8_0 as int8 blocks of 32": 2,  # the embedding rows and the tied output layer

@@ -1,25 +1,20 @@
 """Generation on the real SmolLM2-135M-Instruct: chat, streaming, stops, limits, cancellation, threads,
 the key/value cache against a full recompute, and perplexity of the int4 import against the float one.
 
-The two imports (float and the GGUF's own int4 blocks) are made once and kept in the pytest cache,
-under the same key as tests/models/test_llama.py, so either module reuses the other's.
+The two imports (float and the GGUF's own int4 blocks) come from the session fixture ``smollm2_dirs``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from pathlib import Path
 
 import pytest
 
 from edgec.errors import InputError
-from edgec.models import gguf_tokenizer, llama
 from edgec.runtime import eval as llm_eval
 from edgec.runtime.llm import LLM, Chunk, Completion, _Detokenizer, _StopText
 from edgec.runtime.sampling import SamplingParams
 
-MODULES = [Path(llama.__file__), Path(gguf_tokenizer.__file__), Path(llama.__file__).with_name("gguf.py")]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
 UNICODE = ("Traduis en français avec des émojis 😀👍🏽 : « Où est la bibliothèque ? » "
@@ -27,32 +22,15 @@ UNICODE = ("Traduis en français avec des émojis 😀👍🏽 : « Où est la b
 
 
 @pytest.fixture(scope="module")
-def smol_dirs(request) -> dict[str, Path]:
-    path = llama.smollm2_path()
-    cache = Path(request.config.cache.mkdir("edgec-smollm2"))
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()
-                         + b"".join(p.read_bytes() for p in MODULES)).hexdigest()
-    dirs = {}
-    for weights in llama.WEIGHTS:
-        out, stamp = cache / weights, cache / f"{weights}.key"
-        if not (out.is_dir() and stamp.is_file() and stamp.read_text() == key):
-            llama.import_gguf(path, out, weights=weights, force=True)
-            stamp.write_text(key)
-        dirs[weights] = out
-    return dirs
-
-
-@pytest.fixture(scope="module")
-def llm(smol_dirs) -> LLM:
+def llm(smollm2_dirs) -> LLM:
     """The int4 import, what a cpu bundle runs (ORT's default int4 kernels)."""
-    with LLM.from_dir(smol_dirs["gguf-int4"]) as model:
+    with LLM.from_dir(smollm2_dirs["gguf-int4"]) as model:
         yield model
 
 
 @pytest.fixture(scope="module")
-def llm_float(smol_dirs) -> LLM:
-    with LLM.from_dir(smol_dirs["float"], cache=False) as model:
+def llm_float(smollm2_dirs) -> LLM:
+    with LLM.from_dir(smollm2_dirs["float"], cache=False) as model:
         yield model
 
 
@@ -181,13 +159,13 @@ def test_invalid_requests_fail_before_any_work(llm):
 
 
 @pytest.mark.slow
-def test_from_bundle(smol_dirs, tmp_path):
+def test_from_bundle(smollm2_dirs, tmp_path):
     from edgec.bundle import Bundle
     from edgec.errors import BundleError
 
     manifest = {"name": "smol", "artifact": "model.onnx", "files": {"model.onnx": {"sha256": "0" * 64}},
                 "runtime": {"backend": "onnxruntime", "graph_optimization_level": "all", "intra_op_num_threads": 0}}
-    folder = smol_dirs["gguf-int4"]
+    folder = smollm2_dirs["gguf-int4"]
     with LLM.from_bundle(Bundle(folder, manifest, folder), threads=1) as model:
         assert model.name == "smol" and "Paris" in model.chat(QUESTION, max_tokens=16).text
     with pytest.raises(BundleError, match="no tokenizer.json; it is not a decoder bundle"):
@@ -195,7 +173,7 @@ def test_from_bundle(smol_dirs, tmp_path):
 
 
 @pytest.mark.slow
-def test_context_length_is_checked_or_truncated(llm, smol_dirs):
+def test_context_length_is_checked_or_truncated(llm, smollm2_dirs):
     assert llm.context_length == 8192
     long = "word " * 8200
     assert llm.count_tokens(long) > 8192
@@ -204,7 +182,7 @@ def test_context_length_is_checked_or_truncated(llm, smol_dirs):
     with pytest.raises(InputError, match="exceeds the context length"):
         llm.generate(PROMPT, max_tokens=8192)
 
-    with LLM.from_dir(smol_dirs["gguf-int4"], context_length=64) as small:
+    with LLM.from_dir(smollm2_dirs["gguf-int4"], context_length=64) as small:
         text = " ".join(str(i) for i in range(100))  # digits are one token each
         ids = small.encode(text)
         assert len(ids) > 64
@@ -214,7 +192,7 @@ def test_context_length_is_checked_or_truncated(llm, smol_dirs):
         assert out.prompt_tokens == 56 and out.completion_tokens <= 8
         assert out.tokens == small.generate(ids[-56:], max_tokens=8).tokens  # the newest tokens were kept
         with pytest.raises(InputError, match="context_length=9000 must be in 2..8192"):
-            LLM.from_dir(smol_dirs["gguf-int4"], context_length=9000)
+            LLM.from_dir(smollm2_dirs["gguf-int4"], context_length=9000)
 
 
 @pytest.mark.slow

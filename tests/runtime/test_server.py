@@ -262,14 +262,10 @@ class Spy:
 
 
 @pytest.fixture(scope="module")
-def smollm2(request):
-    from edgec.models.llama import import_gguf, smollm2_path
+def smollm2(smollm2_dirs):
     from edgec.runtime.llm import LLM
 
-    folder = request.config.cache.mkdir("edgec-smollm2-int4")
-    if not all((folder / f).is_file() for f in ("model.onnx", "tokenizer.json", "generation.json")):
-        import_gguf(smollm2_path(), folder, weights="gguf-int4", force=True)
-    llm = LLM.from_dir(folder, context_length=1024)
+    llm = LLM.from_dir(smollm2_dirs["gguf-int4"], context_length=1024)
     yield llm
     llm.close()
 
