@@ -20,7 +20,7 @@ from typing import Collection
 import numpy as np
 import onnx_ir as ir
 from onnxruntime.quantization import QuantType
-from onnxruntime.quantization.calibrate import TensorsData
+from onnxruntime.quantization.calibrate import TensorData, TensorsData
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
 #: ops with fast int8 kernels in ORT, TFLite and Core ML (W8A8)
@@ -45,6 +45,7 @@ def quantize_static(model: ir.Model, ranges: TensorsData, exclude: Collection[st
     layers = [n.name for n in quantizable_layers(model) if n.name not in exclude]
     if not layers:  # onnxruntime reads an empty nodes_to_quantize as "all of them"
         return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    ranges = snap_shifts_to_grid(model, ranges)
     quantizer = QDQQuantizer(
         ir.serde.serialize_model(model),
         per_channel=True,
@@ -58,6 +59,38 @@ def quantize_static(model: ir.Model, ranges: TensorsData, exclude: Collection[st
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
     return ir.serde.deserialize_model(quantizer.quantize_model())
+
+
+#: how far (relative) a tensor's uint8 step may move so that a constant shift is whole steps
+MAX_SNAP = 0.1
+
+
+def snap_shifts_to_grid(model: ir.Model, ranges: TensorsData) -> TensorsData:
+    """Ranges where every ``y = Add(t, b)`` with a scalar constant ``b`` has ``b`` on y's uint8 grid.
+
+    Then ``Q(t + b) = Q(t) + b / step`` exactly, so a backend can fold the shift into the zero point
+    (the cpu target does for HardSwish and its learnable affine, PP-LCNetV3's ``a·hardswish(x) + b``,
+    see ``targets/cpu/qdq_activations.py``). The step moves by at most ``MAX_SNAP``; a shift
+    under half a step is left alone.
+    """
+    data = dict(ranges.data)
+    for node in model.graph:
+        y = node.outputs[0]
+        if node.op_type != "Add" or y.name not in data or len(node.inputs) != 2:
+            continue
+        shifts = [v.const_value.numpy() for v in node.inputs if v is not None and v.const_value is not None and v.const_value.size == 1]
+        if len(shifts) != 1:
+            continue
+        shift = float(shifts[0].reshape(()))
+        low, high = min(float(data[y.name].range_value[0]), 0.0), max(float(data[y.name].range_value[1]), 0.0)
+        step = (high - low) / 255 if high > low else 0.0
+        steps = round(shift / step) if step else 0
+        if steps == 0 or abs(shift / steps / step - 1) > MAX_SNAP:
+            continue
+        step = shift / steps
+        zero = min(max(round(-low / step), 0), 255)
+        data[y.name] = TensorData(lowest=np.float32(-zero * step), highest=np.float32((255 - zero) * step))
+    return TensorsData(ranges.calibration_method, data)
 
 
 def quantize_dynamic(model: ir.Model, exclude: Collection[str] = ()) -> ir.Model:

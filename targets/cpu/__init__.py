@@ -20,6 +20,7 @@ from edgec.errors import UnsupportedOpError
 from edgec.runtime import ort as ort_backend
 from edgec.targets.cpu.dynamic import lower_dynamic_matmuls
 from edgec.targets.cpu.matmulnbits import lower_int4_matmuls
+from edgec.targets.cpu.qdq_activations import lower_quantized_activations
 from edgec.targets.base import Lowered, NodePlacement, node_label
 
 #: ONNX files over this size keep their weights in an external data file (protobuf's 2 GiB limit).
@@ -68,7 +69,9 @@ class CpuTarget:
         """Rewrite QDQ into ORT's fastest kernels (in place), check every node has one, write files."""
         quant = options.get("quantization") or {}
         fuse_for_ort(model)
-        if quant.get("mode") == "int8-dynamic":
+        if quant.get("mode") == "int8":
+            lower_quantized_activations(model)
+        elif quant.get("mode") == "int8-dynamic":
             lower_dynamic_matmuls(model)
         elif quant.get("mode") == "int4":
             lower_int4_matmuls(model, accuracy_level=_int4_level(quant))
