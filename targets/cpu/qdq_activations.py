@@ -14,8 +14,9 @@ output's scale and zero point. A zero point is an integer, so this needs b to be
 y's steps: int8 calibration snaps y's range so that it is (``int8.snap_shifts_to_grid``); rounding
 b / s_y instead would bias y by up to half a step everywhere, which the recognizer's text suffers from.
 
-Sigmoid-gated activations (x · sigmoid(c · x), SVTR's QuickGelu) become QLinearSigmoid (a lookup
-table in ORT) on the same bytes read at scale c·s, then QLinearMul.
+A 256-entry lookup table (Gather on the uint8 bytes cast to int32) computes the same exactly but
+measured 10× slower than the float island in ORT 1.32 (Gather copies byte by byte); the two
+integer kernels measured 2.2× faster than the island (1×64×24×160, one thread).
 """
 
 from __future__ import annotations
