@@ -8,6 +8,8 @@ share scales); edgec supplies the ranges, the op set and the layers to keep floa
     x -> Conv(W) -> y      becomes      x -> Q -> DQ -> Conv(DQ(W_int8)) -> Q -> DQ -> y
 
 uint8 activations are exact to shift to int8 (zero point - 128) for backends that want int8.
+Ranges are snapped so that a scalar shift ``t + b`` is whole uint8 steps (``snap_shifts_to_grid``),
+which lets a backend fold it into a zero point exactly.
 
 Dynamic: MatMul weights become ``DequantizeLinear(W_int8, scale[N], axis=1)``; activations are
 quantized per call by the backend (the cpu target lowers this to DynamicQuantizeMatMul).

@@ -57,7 +57,6 @@ class _Lowering(pattern.RewriteRuleClassBase):
         return result
 
 
-
 class HardSwishAffine(_Lowering):
     """q -> DQ -> HardSwish -> Mul(a) -> Add(b) -> Q  (PP-LCNetV3's activation + learnable affine)."""
 
@@ -73,18 +72,6 @@ class HardSwishAffine(_Lowering):
             return result.fail("the shift is not a whole number of output steps (int8 snaps ranges so that it is)")
         if result and not 0 <= int(_scalar(z_y)) + round(_scalar(b) / _scalar(s_y)) <= 255:
             return result.fail("the shift moves the zero point out of uint8")
-        return result
-        steps = round(_scalar(b) / _scalar(s_y))
-        if steps == 0 or abs(_scalar(b) / steps / _scalar(s_y) - 1) > MAX_REGRID:
-            return result.fail("the shift is not close to a whole number of output steps")
-        if not 0 <= int(_scalar(z_y)) + steps <= 255:
-            return result.fail("the shift moves the zero point out of uint8")
-        q_out = s_y.uses()  # the grid changes for the Q and the DQs reading its output, and only those
-        users = {u.node for u in s_y.uses()}
-        quantize = next(u.node for u in q_out if u.node.op_type == "QuantizeLinear")
-        readers = {u.node for u in quantize.outputs[0].uses()}
-        if not all(n.op_type == "DequantizeLinear" and n.inputs[1] is s_y for n in readers) or users != readers | {quantize}:
-            return result.fail("the output's scale is shared beyond its own Q/DQ pair")
         return result
 
     def rewrite(self, op, q, s, z, a, b, s_y, z_y, **_):
