@@ -8,8 +8,9 @@
 Failure handling, which the routing in ``edgec.runtime.hybrid`` builds on:
 
 - Timeouts: ``connect_timeout`` per connection, ``read_timeout`` per read, ``total_timeout`` per call
-  (retries and waits included). A read never waits longer than what is left of the total, and the
-  total is checked after every line, so a call ends by at most twice its total, usually by it.
+  (retries and waits included). A read never waits longer than what was left of the total when the
+  attempt started, and the total is checked after every read, so a call ends by at most twice its
+  total (a server that sends nothing), usually by it (one that drips bytes).
 - Retries only where they are safe: before any output was handed out, on connection failures,
   timeouts, 429 and 5xx, with exponential backoff; a 429's ``Retry-After`` is honoured when it fits
   in the time left, otherwise the call fails at once so the caller can fall back. 400/401/403/404 are
@@ -39,6 +40,8 @@ from edgec.runtime.sampling import SamplingParams
 
 #: Status codes worth another try: the same request may well succeed a moment later.
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+#: Largest answer body, and longest server-sent event line, read from a cloud.
+MAX_BODY_BYTES = 16 << 20
 _STATUS_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 429: "rate_limited"}
 
 
@@ -239,8 +242,8 @@ class _Call:
     def _status_error(self, response) -> CloudError:
         status = response.status_code
         try:
-            detail = json.loads(response.read())["error"]["message"]
-        except Exception:  # any body: HTML from a proxy, nothing, JSON of another shape
+            detail = json.loads(self._body(response))["error"]["message"]
+        except Exception:  # any body: HTML from a proxy, nothing, JSON of another shape, too slow
             detail = response.reason_phrase
         retry_after = None
         if status == 429:
@@ -260,17 +263,47 @@ class _Call:
 
         def once() -> Completion:
             try:
-                response = self.cloud._client.post(self.cloud.base_url + self.path, json=self.body,
-                                                   headers=self.cloud._headers(), timeout=self._timeout())
+                with self.cloud._client.stream("POST", self.cloud.base_url + self.path, json=self.body,
+                                               headers=self.cloud._headers(), timeout=self._timeout()) as response:
+                    if response.status_code != 200:
+                        raise self._status_error(response)
+                    return self._parse(self._body(response))
             except httpx.HTTPError as exc:
                 raise self._request_error(exc) from None
-            if response.status_code != 200:
-                raise self._status_error(response)
-            return self._parse(response.content)
 
         result = self._run(once)
         self.cloud.breaker.record(True)
         return result
+
+    def _reads(self, response) -> Iterator[bytes]:
+        """The body as it arrives, checked against the deadline after every read: a server that drips
+        bytes slower than the total but faster than the read timeout cannot hold the call."""
+        for data in response.iter_bytes():
+            if time.monotonic() > self.deadline:
+                raise CloudError(f"{self.cloud.name}: the answer did not arrive within the call's time limit",
+                                 "timeout")
+            yield data
+
+    def _body(self, response) -> bytes:
+        body = bytearray()
+        for data in self._reads(response):
+            body += data
+            if len(body) > MAX_BODY_BYTES:
+                raise CloudError(f"{self.cloud.name}: the answer is larger than {MAX_BODY_BYTES} bytes", "malformed")
+        return bytes(body)
+
+    def _lines(self, response) -> Iterator[str]:
+        buffer = b""
+        for data in self._reads(response):
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                yield line.rstrip(b"\r").decode("utf-8")
+            if len(buffer) > MAX_BODY_BYTES:
+                raise CloudError(f"{self.cloud.name}: a server-sent event line is longer than {MAX_BODY_BYTES} bytes",
+                                 "malformed")
+        if buffer:
+            yield buffer.decode("utf-8")
 
     def _parse(self, content: bytes) -> Completion:
         try:
@@ -341,7 +374,7 @@ class _Call:
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     raise CloudError(f"{self.cloud.name}: asked for a stream, got "
                                      f"{response.headers.get('content-type') or 'no content type'}", "malformed")
-                for line in response.iter_lines():
+                for line in self._lines(response):
                     if self.cancel is not None and self.cancel.is_set():
                         yield self._final(timings, usage, "cancelled")
                         return
@@ -371,6 +404,8 @@ class _Call:
                         yield Chunk(text, None)
         except httpx.HTTPError as exc:
             raise self._request_error(exc) from None
+        except UnicodeDecodeError:
+            raise CloudError(f"{self.cloud.name}: the stream is not UTF-8 text", "malformed") from None
         raise CloudError(f"{self.cloud.name}: the stream ended without its [DONE] marker", "malformed")
 
     def _event(self, value: str) -> tuple[str, str | None, Usage | None]:

@@ -82,8 +82,6 @@ class HybridLLM:
         self.policy = (policy or Policy()).check()
         self.local = local
         self.cloud = cloud if cloud is not None else self.policy.cloud_model()
-        if self.cloud is not None and self.policy.cloud.base_url is None:  # the cloud was given in the API
-            self.policy.cloud.context_length = self.policy.cloud.context_length or self.cloud.context_length
         self.device = device if isinstance(device, DeviceMonitor) else DeviceMonitor(device) if device else DeviceMonitor()
         self.rates, self.rates_source = _rates(local, rates, self.policy)
         self.name = local.name
@@ -289,6 +287,8 @@ class _Run:
         start = self.request.start
         ttft = (self.first_text_at or now) - start
         timings = Timings(time_to_first_token=ttft, decode_seconds=now - start - ttft, total_seconds=now - start)
+        if self.completion_tokens > 1 and timings.decode_seconds > 0:
+            timings.decode_tokens_per_second = (self.completion_tokens - 1) / timings.decode_seconds
         return RoutedChunk("", None, finish, Usage(self.request.prompt_tokens, self.completion_tokens), timings,
                            route=self.route, reasons=self.reasons)
 

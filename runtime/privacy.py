@@ -28,6 +28,9 @@ _PATTERNS = {
 }
 
 
+_DIGIT = re.compile(r"\d")
+
+
 @dataclass(frozen=True)
 class Finding:
     kind: str
@@ -67,8 +70,10 @@ def _valid(kind: str, text: str) -> bool:
 def find(text: str, kinds: tuple[str, ...] | list[str] = KINDS) -> list[Finding]:
     """Personal data in ``text``, in order, without overlaps (earlier kinds in ``KINDS`` win)."""
     found: list[Finding] = []
+    # every kind but email needs a digit, email needs an @: most prompts skip the patterns entirely
+    has_digit, has_at = _DIGIT.search(text) is not None, "@" in text
     for kind in KINDS:
-        if kind not in kinds:
+        if kind not in kinds or not (has_at if kind == "email" else has_digit):
             continue
         for m in _PATTERNS[kind].finditer(text):
             if _valid(kind, m.group()) and not any(f.start < m.end() and m.start() < f.end for f in found):

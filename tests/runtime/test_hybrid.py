@@ -48,7 +48,7 @@ def _delta(text: str, finish: str | None = None) -> str:
 class FaultServer:
     """HTTP on a free 127.0.0.1 port; ``mode`` says how to answer, ``received`` holds every byte sent to it.
 
-    modes: ok, slow_first_byte, 500, 429, reset_mid_stream, malformed_sse, wrong_json
+    modes: ok, slow_first_byte, drip, 401, 404, 500, 429, reset_mid_stream, malformed_sse, wrong_json
     """
 
     def __init__(self) -> None:
@@ -100,6 +100,14 @@ class FaultServer:
             send("200 OK", _sse(_delta("Paris"), _delta(" it is.", "stop"), "[DONE]"), "text/event-stream")
         elif mode == "slow_first_byte":
             self.release.wait(10)
+        elif mode == "drip":  # a byte at a time, each well within the read timeout, never finishing
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 100000\r\n\r\n")
+            for _ in range(100):
+                if self.release.wait(0.1):
+                    break
+                sock.sendall(b"d")
+        elif mode in ("401", "404"):
+            send(f"{mode} Nope", error)
         elif mode == "500":
             send("500 Internal Server Error", error)
         elif mode == "429":
@@ -188,7 +196,8 @@ def flaky_cloud(url: str, **options) -> CloudModel:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, code", [("slow_first_byte", "cloud_timeout"), ("500", "cloud_server_error"),
+@pytest.mark.parametrize("mode, code", [("slow_first_byte", "cloud_timeout"), ("drip", "cloud_timeout"),
+                                        ("500", "cloud_server_error"),
                                         ("429", "cloud_rate_limited"), ("reset_mid_stream", "cloud_connection"),
                                         ("malformed_sse", "cloud_malformed"), ("wrong_json", "cloud_malformed")])
 def test_cloud_fault_is_answered_by_the_device(local, fault, mode, code):
@@ -204,7 +213,8 @@ def test_cloud_fault_is_answered_by_the_device(local, fault, mode, code):
         assert text.startswith("The capital") and len(text) > len("The capital")
         assert "mid-stream" in final.reasons[-1].text
     # retries happened only where safe: 429/500/timeout once more, nothing after output had started
-    assert fault.requests == (1 if mode in ("reset_mid_stream", "malformed_sse", "wrong_json") else 2)
+    # (a drip exhausts the whole time limit, so there is no time left to retry)
+    assert fault.requests == (1 if mode in ("reset_mid_stream", "malformed_sse", "wrong_json", "drip") else 2)
 
 
 @pytest.mark.slow
@@ -230,6 +240,14 @@ def test_cloud_client_errors(fault):
     fault.mode = "ok"
     chunks = list(cloud.chat(FRANCE, max_tokens=4, stream=True))
     assert "".join(c.text for c in chunks) == "Paris it is." and chunks[-1].finish_reason == "stop"
+    cancel = threading.Event()
+    cancel.set()
+    assert list(cloud.chat(FRANCE, max_tokens=4, stream=True, cancel=cancel))[-1].finish_reason == "cancelled"
+    for mode, code, hint in (("401", "unauthorized", "check the API key"), ("404", "not_found", "check base_url")):
+        fault.mode, before = mode, fault.requests
+        with pytest.raises(CloudError, match=hint) as exc:
+            list(flaky_cloud(fault.url, retries=3).chat(FRANCE, max_tokens=4, stream=True))
+        assert exc.value.code == code and fault.requests == before + 1  # never retried
     os.environ.pop("EDGEC_TEST_MISSING_KEY", None)
     with pytest.raises(CloudError, match="EDGEC_TEST_MISSING_KEY"):
         CloudModel(fault.url, "m", api_key_env="EDGEC_TEST_MISSING_KEY").chat(FRANCE, max_tokens=4)
@@ -437,4 +455,22 @@ def test_served_routed_model_reports_route(local, fault):
                                                      extra_body={"local_only": True}))
         assert chunks[-1].model_extra["edgec"]["route"] == "local"
         assert chunks[-1].model_extra["edgec"]["reasons"][0]["code"] == "local_only"
-    assert isinstance(openai.OpenAI, type)
+        # a prompt the device cannot hold, and a failing cloud: an error the client can read, not a hang
+        from pydoc_data.topics import topics
+
+        long = local.decode(local.encode(topics["import"], add_special_tokens=False)[:1100])
+        routed.cloud.context_length = 2048
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": long}], max_tokens=8)
+        assert exc.value.status_code == 502 and "cannot answer instead" in exc.value.message
+
+
+def test_cli_routing_flags_need_policy_and_prompt(tmp_path):
+    from click.testing import CliRunner
+
+    from edgec.cli import main
+
+    for args, message in ((["--explain", "--prompt", "hi"], "need --policy"),
+                          (["--policy", "p.toml"], "need --prompt")):
+        result = CliRunner().invoke(main, ["run", str(tmp_path / "none.edgec"), *args])
+        assert result.exit_code == 2 and message in result.output
