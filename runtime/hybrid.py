@@ -122,12 +122,13 @@ class HybridLLM:
              features: tuple[str, ...] = (), **overrides: Any) -> RoutedCompletion | Iterator[RoutedChunk]:
         """As ``LLM.chat``, routed. A message with ``"local_only": True`` makes the whole request local-only;
         ``deadline_s`` is the latency budget; ``features`` what the request needs (e.g. "tools")."""
+        start = time.perf_counter()
         text = self.local.apply_chat_template(messages)
         prompt_tokens = len(self.local.encode(text, add_special_tokens=False))
         local_only = local_only or any(isinstance(m, dict) and m.get("local_only") for m in messages)
         contents = [m.get("content") if isinstance(m.get("content"), str) else "" for m in messages]
         request = self._request(messages, None, contents, prompt_tokens, params, overrides, cancel, local_only,
-                                deadline_s, features)
+                                deadline_s, features, start)
         return self._answer(request, stream)
 
     def generate(self, prompt: str, params: SamplingParams | None = None, *, stream: bool = False,
@@ -136,8 +137,9 @@ class HybridLLM:
         """As ``LLM.generate`` on a text prompt, routed."""
         if not isinstance(prompt, str):
             raise InputError("HybridLLM.generate takes a text prompt (the cloud cannot read local token ids)")
+        start = time.perf_counter()
         request = self._request(None, prompt, [prompt], self.local.count_tokens(prompt), params, overrides, cancel,
-                                local_only, deadline_s, features)
+                                local_only, deadline_s, features, start)
         return self._answer(request, stream)
 
     def route(self, messages: list[dict] | None = None, prompt: str | None = None, **options: Any) -> Decision:
@@ -151,11 +153,10 @@ class HybridLLM:
         return decision
 
     def _request(self, messages, prompt, contents, prompt_tokens, params, overrides, cancel, local_only, deadline_s,
-                 features) -> _Request:
+                 features, start) -> _Request:
         if params is not None and not isinstance(params, SamplingParams):
             raise InputError(f"params must be a SamplingParams, not {type(params).__name__}")
         params = (params or SamplingParams()).with_overrides(**overrides).validate()
-        start = time.perf_counter()
         signals = self.signals(prompt_tokens, params.max_tokens, contents, local_only,
                                self.policy.route.deadline_s if deadline_s is None else deadline_s, features)
         decision = self.policy.decide(signals)
