@@ -455,7 +455,7 @@ class LLM:
 
 
 def _probability(logits: np.ndarray, token: int) -> float:
-    """softmax(logits)[token], without materializing the softmax."""
+    """softmax(logits)[token], shifted by the maximum so exp cannot overflow."""
     row = logits.reshape(-1).astype(np.float32, copy=False)
     top = row.max()
     return float(np.exp(row[token] - top) / np.exp(row - top).sum())
