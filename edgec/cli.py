@@ -306,13 +306,22 @@ def _read_inputs(specs: tuple[str, ...], inputs: list[dict]) -> dict[str, np.nda
 @click.option("--prompt", "-p", help="Decoder bundles: the text to continue (as a chat turn if the model has a template).")
 @click.option("--raw", is_flag=True, help="With --prompt: continue the text as is, without the chat template.")
 @sampling_options
+@click.option("--policy", type=click.Path(path_type=Path), help="With --prompt: route between the device and the cloud per this policy.toml (docs/hybrid.md).")
+@click.option("--explain", is_flag=True, help="With --policy: print the route and the reasons.")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS", help="With --policy: the latency budget.")
+@click.option("--local-only", is_flag=True, help="With --policy: never send this request off the device.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def run(bundle, input_specs, output_dir, prompt, raw, as_json, **sampling):
+def run(bundle, input_specs, output_dir, prompt, raw, policy, explain, deadline, local_only, as_json, **sampling):
     """Run a bundle on input tensors, or generate text from a decoder bundle with --prompt."""
     import edgec
 
+    if prompt is None and (policy or explain or deadline or local_only):
+        raise InputError("--policy, --explain, --deadline and --local-only need --prompt")
+    if policy is None and (explain or deadline or local_only):
+        raise InputError("--explain, --deadline and --local-only need --policy")
     if prompt is not None:
-        return _run_prompt(bundle, prompt, raw, as_json, _sampling(sampling))
+        routing = None if policy is None else {"policy": policy, "deadline_s": deadline, "local_only": local_only}
+        return _run_prompt(bundle, prompt, raw, as_json, _sampling(sampling), routing, explain)
     with edgec.load(bundle) as model:
         if not hasattr(model, "run"):
             raise InputError(f"{bundle} is a decoder bundle: give --prompt TEXT (or use `edgec chat`)")
@@ -335,7 +344,8 @@ def run(bundle, input_specs, output_dir, prompt, raw, as_json, **sampling):
             out.print(f"outputs written to {output_dir}/")
 
 
-def _run_prompt(bundle: Path, prompt: str, raw: bool, as_json: bool, params) -> None:
+def _run_prompt(bundle: Path, prompt: str, raw: bool, as_json: bool, params, routing: dict | None = None,
+                explain: bool = False) -> None:
     import edgec
 
     with edgec.load(bundle) as llm:
@@ -343,16 +353,28 @@ def _run_prompt(bundle: Path, prompt: str, raw: bool, as_json: bool, params) -> 
             raise InputError(f"{bundle} is not a decoder bundle: --prompt needs one (compile a GGUF or an `edgec import` folder)")
         chat = not raw and bool(llm.generation.get("chat_template"))
         messages = [{"role": "user", "content": prompt}]
+        options = {}
+        if routing is not None:
+            llm = edgec.HybridLLM(local=llm, policy=routing.pop("policy"))
+            options = routing
         if as_json:
-            done = llm.chat(messages, params) if chat else llm.generate(prompt, params)
-            click.echo(json.dumps({"text": done.text, "finish_reason": done.finish_reason, "usage": vars(done.usage),
-                                   "timings": vars(done.timings)}, indent=2))
+            done = llm.chat(messages, params, **options) if chat else llm.generate(prompt, params, **options)
+            result = {"text": done.text, "finish_reason": done.finish_reason, "usage": vars(done.usage),
+                      "timings": vars(done.timings)}
+            if routing is not None:
+                result.update(route=done.route, reasons=[r.as_dict() for r in done.reasons])
+            click.echo(json.dumps(result, indent=2))
             return
-        last = _stream(llm.chat(messages, params, stream=True) if chat else llm.generate(prompt, params, stream=True))
+        last = _stream(llm.chat(messages, params, stream=True, **options) if chat
+                       else llm.generate(prompt, params, stream=True, **options))
         if last is not None and last.timings is not None:
             t = last.timings
             err.print(f"[dim]{last.usage.completion_tokens} tokens, {last.finish_reason}; time to first token "
                       f"{t.time_to_first_token * 1e3:.0f} ms, decode {t.decode_tokens_per_second:.1f} tok/s[/]")
+        if explain:
+            err.print(f"route: [bold]{last.route}[/]", highlight=False)
+            for reason in last.reasons:
+                err.print(f"  {reason.code}: {escape(reason.text)}", highlight=False, soft_wrap=True)
 
 
 @main.command()
@@ -406,7 +428,8 @@ def chat(bundle, system, **sampling):
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), help="Largest max_tokens a request may ask for (also caps the default).")
 @click.option("--max-request-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1), help="Largest request body; larger gets 413.")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads (default: one per core).")
-def serve(bundle, host, port, name, api_key, max_queue, max_tokens_limit, max_request_bytes, threads):
+@click.option("--policy", type=click.Path(path_type=Path), help="Route each request between the device and the cloud per this policy.toml (docs/hybrid.md).")
+def serve(bundle, host, port, name, api_key, max_queue, max_tokens_limit, max_request_bytes, threads, policy):
     """Serve a decoder BUNDLE as an OpenAI-compatible API at http://HOST:PORT/v1 (needs the server extra)."""
     import edgec
 
@@ -418,8 +441,10 @@ def serve(bundle, host, port, name, api_key, max_queue, max_tokens_limit, max_re
         if not hasattr(llm, "generate"):
             raise InputError(f"{bundle} is not a decoder bundle: edgec serve needs one (compile a GGUF or an `edgec import` folder)")
         name = name or bundle.resolve().name.removesuffix(".zip").removesuffix(".edgec")
-        err.print(f"serving [bold]{escape(name)}[/] (context {llm.context_length} tokens) at http://{host}:{port}/v1",
-                  soft_wrap=True)
+        if policy is not None:
+            llm = edgec.HybridLLM(local=llm, policy=policy)
+        err.print(f"serving [bold]{escape(name)}[/] (context {llm.context_length} tokens"
+                  f"{', routed by ' + escape(str(policy)) if policy else ''}) at http://{host}:{port}/v1", soft_wrap=True)
         try:
             run_server({name: llm}, host=host, port=port, api_key=api_key, max_queue=max_queue,
                        max_tokens_limit=max_tokens_limit, max_request_bytes=max_request_bytes)

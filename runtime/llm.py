@@ -92,13 +92,16 @@ class Completion:
 class Chunk:
     """One piece of a stream: usually one token. ``text`` may be empty while a character is incomplete or
     while text might be the start of a stop string. The last chunk has ``finish_reason``, ``usage`` and
-    ``timings``; its ``token_id`` is the token that ended the stream, or ``None`` when cancelled."""
+    ``timings``; its ``token_id`` is the token that ended the stream, or ``None`` when cancelled.
+    ``probability`` is the model's own probability of ``token_id`` (softmax of the raw logits, before
+    sampling settings), the uncertainty signal a routing policy watches."""
 
     text: str
     token_id: int | None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    probability: float | None = None
 
 
 @dataclass
@@ -127,6 +130,7 @@ class LLM:
         from tokenizers import Tokenizer
 
         self.model_path = Path(model)
+        self.artifact_sha256 = artifact_sha256  #: keys this device's measured rates (``edgec bench``)
         self.generation = dict(generation)
         self.name = name or str(self.generation.get("model") or self.model_path.parent.name)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -443,11 +447,18 @@ class LLM:
             if len(tokens) >= params.max_tokens:
                 yield final(piece + text.flush(), token, "length")
                 return
-            yield Chunk(piece, token)
+            yield Chunk(piece, token, probability=_probability(logits, token))
             if cancelled():
                 yield final(text.flush(), None, "cancelled")
                 return
             logits = decoder.forward([token], cache, logits_out=logits_buffer)
+
+
+def _probability(logits: np.ndarray, token: int) -> float:
+    """softmax(logits)[token], shifted by the maximum so exp cannot overflow."""
+    row = logits.reshape(-1).astype(np.float32, copy=False)
+    top = row.max()
+    return float(np.exp(row[token] - top) / np.exp(row - top).sum())
 
 
 def _collect(chunks: Iterator[Chunk], request: _Request) -> Completion:

@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edgec.errors import InputError
+from edgec.runtime.cloud import CloudError
 from edgec.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -160,6 +161,8 @@ class _Call:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    messages: list[dict] | None = None  #: chat requests, for a routed model (``HybridLLM``)
+    routing: dict | None = None  #: a routed model's request options: local_only, deadline_s, features
 
 
 class _API:
@@ -207,6 +210,8 @@ class _API:
             return APIError(400, str(exc)).response()
         except ClientDisconnect:
             return _gone()
+        except CloudError as exc:  # a routed model's cloud failed where the device could not answer instead
+            return APIError(502, str(exc), type="server_error", code=f"cloud_{exc.code}").response()
         except Exception:
             log.exception("internal error answering %s %s", request.method, request.url.path)
             return _internal_error().response()
@@ -286,8 +291,10 @@ class _API:
         options = _get(body, "stream_options", dict) or {}
         include_usage = bool(_get(options, "include_usage", bool, "stream_options.include_usage"))
 
+        messages = None
         if chat:
-            prompt, prompt_tokens = _chat_prompt(llm, body.get("messages"))
+            prompt, prompt_tokens, messages = _chat_prompt(llm, body.get("messages"),
+                                                           bool(_get(body, "continue_final_message", bool)))
         else:
             prompt, prompt_tokens = _text_prompt(llm, body.get("prompt"))
 
@@ -324,7 +331,14 @@ class _API:
             stop=[] if stop is None else [stop] if isinstance(stop, str) else stop,
         )
         _validate(params, max_name)
-        return _Call(model, llm, chat, prompt, prompt_tokens, params, stream, include_usage)
+        routing = None
+        if getattr(llm, "takes_messages", False):  # extensions a routed model understands
+            deadline = _get(body, "deadline_s", float)
+            if deadline is not None and deadline <= 0:
+                raise APIError(400, f"deadline_s={deadline} must be > 0 seconds", param="deadline_s")
+            routing = {"local_only": bool(_get(body, "local_only", bool)), "deadline_s": deadline,
+                       "features": ("tools",) if body.get("tools") else ()}
+        return _Call(model, llm, chat, prompt, prompt_tokens, params, stream, include_usage, messages, routing)
 
 
 def _internal_error() -> APIError:
@@ -387,7 +401,10 @@ def _valid(params: SamplingParams) -> bool:
         return False
 
 
-def _chat_prompt(llm: LLM, messages: Any) -> tuple[list[int], int]:
+def _chat_prompt(llm: LLM, messages: Any, continue_final: bool = False) -> tuple[list[int], int, list[dict]]:
+    """The prompt's token ids, their count and the normalized messages. ``continue_final`` (vLLM's
+    ``continue_final_message``): the last message is an assistant message the model continues, so the
+    prompt ends with its text instead of a new assistant turn."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' is required: a non-empty array of {\"role\", \"content\"} objects",
                        param="messages")
@@ -396,11 +413,21 @@ def _chat_prompt(llm: LLM, messages: Any) -> tuple[list[int], int]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]")
         role = "system" if message["role"] == "developer" else message["role"]  # OpenAI's newer name
-        normalized.append({"role": role, "content": message.get("content")})
-    text = llm.apply_chat_template(normalized)  # checks the content
+        normalized.append({"role": role, "content": message.get("content"),
+                           **({"local_only": True} if message.get("local_only") is True else {})})
+    if continue_final:
+        final = normalized[-1]
+        if final["role"] != "assistant" or not isinstance(final["content"], str) or not final["content"]:
+            raise APIError(400, "continue_final_message needs a last message from the assistant with text to continue",
+                           param="messages")
+        text = llm.apply_chat_template(normalized, add_generation_prompt=False)
+        # as Hugging Face does: cut the rendered conversation right after the final message's text
+        text = text[: text.rindex(final["content"].strip()) + len(final["content"].strip())]
+    else:
+        text = llm.apply_chat_template(normalized)  # checks the content
     # As LLM.chat does: the template writes BOS itself where the model wants one.
     ids = llm.encode(text, add_special_tokens=False)
-    return ids, len(ids)
+    return ids, len(ids), normalized
 
 
 def _text_prompt(llm: LLM, prompt: Any) -> tuple[str | list[int], int]:
@@ -557,7 +584,14 @@ class _Job:
     def _work(self) -> None:
         call = self.call
         try:
-            result = call.llm.generate(call.prompt, call.params, stream=call.stream, cancel=self.cancel)
+            if call.routing is not None and call.chat:
+                result = call.llm.chat(call.messages, call.params, stream=call.stream, cancel=self.cancel,
+                                       **call.routing)
+            elif call.routing is not None:
+                result = call.llm.generate(call.prompt, call.params, stream=call.stream, cancel=self.cancel,
+                                           **call.routing)
+            else:
+                result = call.llm.generate(call.prompt, call.params, stream=call.stream, cancel=self.cancel)
             if call.stream:
                 try:
                     for chunk in result:
@@ -636,7 +670,14 @@ def _completion_body(call: _Call, id: str, created: int, completion: Any) -> dic
         choice = {"index": 0, "text": completion.text, "logprobs": None, "finish_reason": completion.finish_reason}
     return {"id": id, "object": "chat.completion" if call.chat else "text_completion", "created": created,
             "model": call.model, "choices": [choice], "system_fingerprint": None,
-            "usage": _usage(completion.prompt_tokens, completion.completion_tokens)}
+            "usage": _usage(completion.prompt_tokens, completion.completion_tokens), **_route(completion)}
+
+
+def _route(result: Any) -> dict:
+    """A routed model's answer says which side produced it and why, in an ``edgec`` extension field."""
+    if not hasattr(result, "route"):
+        return {}
+    return {"edgec": {"route": result.route, "reasons": [r.as_dict() for r in result.reasons]}}
 
 
 async def _events(call: _Call, job: _Job, first: tuple[str, Any]) -> AsyncIterator[str]:
@@ -644,8 +685,8 @@ async def _events(call: _Call, job: _Job, first: tuple[str, Any]) -> AsyncIterat
     base = {"id": job.id, "object": "chat.completion.chunk" if call.chat else "text_completion",
             "created": job.created, "model": call.model, "system_fingerprint": None}
 
-    def event(choices: list, usage: dict | None = None) -> str:
-        body = {**base, "choices": choices}
+    def event(choices: list, usage: dict | None = None, extra: dict | None = None) -> str:
+        body = {**base, "choices": choices, **(extra or {})}
         if call.include_usage:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
@@ -678,7 +719,7 @@ async def _events(call: _Call, job: _Job, first: tuple[str, Any]) -> AsyncIterat
                 if reason == "cancelled":  # the client left (nobody reads this), or the server is stopping
                     yield _error_event(_shutting_down())
                     return
-                yield event([choice(None, reason)])
+                yield event([choice(None, reason)], extra=_route(chunk))
                 if call.include_usage and chunk.usage is not None:
                     yield event([], _usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens))
             item = await job.next()
