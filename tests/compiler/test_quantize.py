@@ -70,19 +70,91 @@ def test_keep_float_and_task_metric(digits_calib, tmp_path):
 # --- the budget search itself ---------------------------------------------------------------------
 
 
+def _additive(cost: dict[str, dict[str, float]]):
+    """evaluate(precision per layer) for drops that add up: cost[layer][precision], float costs nothing."""
+    return lambda precision: sum(cost[n].get(p, 0.0) for n, p in precision.items())  # noqa: E731
+
+
 def test_budget_search_keeps_most_sensitive_first():
-    cost = {"a": 0.001, "b": 0.02, "c": 0.005, "d": 0.0}  # additive drops per quantized layer
-    evaluate = lambda kept: sum(v for k, v in cost.items() if k not in kept)  # noqa: E731
-    result = budget.search(list(cost), evaluate, budget=0.004)
-    assert result.kept_float == ["b", "c"]
+    cost = {"a": {"int8": 0.001}, "b": {"int8": 0.02}, "c": {"int8": 0.005}, "d": {"int8": 0.0}}
+    ladders = {n: ("int8", "float") for n in cost}
+    result = budget.search(ladders, _additive(cost), budget=0.004)
+    assert result.precision == {"a": "int8", "b": "float", "c": "float", "d": "int8"}
+    assert result.promoted(ladders) == ["b", "c"]
     assert result.drop == pytest.approx(0.001)
-    assert result.sensitivity == pytest.approx(cost)
-    assert budget.search(list(cost), evaluate, budget=0.1).kept_float == []
+    assert result.sensitivity == pytest.approx({n: c["int8"] for n, c in cost.items()})
+    assert budget.search(ladders, _additive(cost), budget=0.1).precision == {n: "int8" for n in cost}
+
+
+def test_budget_search_promotes_one_step_before_float():
+    """int4 layers go to int8 first; none goes to float while an all-int8-or-lower mix can fit."""
+    cost = {"a": {"int4": 0.010, "int8-dynamic": 0.001}, "b": {"int4": 0.002, "int8-dynamic": 0.0005},
+            "c": {"int4": 0.020, "int8-dynamic": 0.002}, "conv": {"int8": 0.004}}
+    ladders = {"a": ("int4", "int8-dynamic", "float"), "b": ("int4", "int8-dynamic", "float"),
+               "c": ("int4", "int8-dynamic", "float"), "conv": ("int8", "float")}
+    result = budget.search(ladders, _additive(cost), budget=0.008)
+    # c (0.020) and a (0.010) are the most sensitive: one step up each; b stays int4; conv needs float.
+    assert result.precision == {"a": "int8-dynamic", "b": "int4", "c": "int8-dynamic", "conv": "float"}
+    assert result.drop == pytest.approx(0.005)
+
+
+def test_budget_search_three_tiers_when_one_step_is_not_enough():
+    cost = {"a": {"int4": 0.05, "int8-dynamic": 0.03}, "b": {"int4": 0.004, "int8-dynamic": 0.001},
+            "c": {"int4": 0.002, "int8-dynamic": 0.001}}
+    ladders = {n: ("int4", "int8-dynamic", "float") for n in cost}
+    result = budget.search(ladders, _additive(cost), budget=0.004)
+    # all int8 is 0.032 > budget: a goes float; with b, c int8 (0.002) it fits; c back to int4 (0.003) still fits.
+    assert result.precision == {"a": "float", "b": "int8-dynamic", "c": "int4"}
+    assert result.sensitivity_middle == pytest.approx({n: c["int8-dynamic"] for n, c in cost.items()})
+    assert result.drop == pytest.approx(0.003)
 
 
 def test_budget_that_cannot_be_met_reports_best():
     with pytest.raises(budget.BudgetError, match="cannot be met.*all 2 layers in float the drop is 1.0000%"):
-        budget.search(["a", "b"], lambda kept: 0.01 + 0.01 * (len(kept) == 0), budget=0.001)
+        budget.search({"a": ("int8", "float"), "b": ("int8", "float")},
+                      lambda p: 0.01 + 0.01 * ("int8" in p.values()), budget=0.001)
+
+
+# --- precision per layer, by hand --------------------------------------------------------------------
+
+
+def test_digits_int8_convs_with_an_int4_classifier(digits_calib, tmp_path):
+    """--quantize int4 leaves Convs float; --precision Conv=int8 makes them static int8 in the same bundle."""
+    out = tmp_path / "mix.edgec"
+    result = CliRunner().invoke(main, ["compile", str(digits.model_path()), "-o", str(out), "--calib", str(digits_calib),
+                                       "--quantize", "int4", "--block-size", "16", "--precision", "Conv=int8", "--json"])
+    assert result.exit_code == 0, result.output
+    q = json.loads(result.output)["quantization"]
+    layers = {layer["node"]: layer for layer in q["layers"]}
+    assert sorted((layer["op"], layer["precision"]) for layer in layers.values()) == [
+        ("Conv", "int8")] * 3 + [("Gemm", "int4 (block 16)")]
+    assert all(layer["reason"] == "set by --precision Conv=int8" for layer in layers.values() if layer["op"] == "Conv")
+    assert q["precisions"] == ["int4", "int8"] and q["calibration"] == "minmax"
+    assert all(a < b for b, a in (layer["weight_bytes"] for layer in layers.values()))
+    ops = {n["op"] for n in json.loads((out / "reports" / "placement.json").read_text())}
+    assert {"QuantizeLinear", "DequantizeLinear", "com.microsoft::MatMulNBits"} <= ops
+    assert _accuracy(out) >= 0.98
+    shown = CliRunner().invoke(main, ["inspect", str(out)], env={"COLUMNS": "300"})
+    assert "set by --precision Conv=int8" in shown.output and "int4 (block 16)" in shown.output
+
+
+@pytest.mark.parametrize(
+    "rule, words",
+    [
+        ("Conv=int4", "is a Conv; int4 applies to MatMul, Gemm, Gather"),
+        ("lstm*=int8", "matches no quantizable layer"),
+        ("fc=int9", "unknown precision"),
+        ("fc", "give PATTERN=PRECISION"),
+        ("Conv=fp16", "fp16 mixes only with float"),
+    ],
+)
+def test_precision_rule_errors(rule, words, digits_calib, tmp_path):
+    out = tmp_path / "q.edgec"
+    result = CliRunner().invoke(main, ["compile", str(digits.model_path()), "-o", str(out), "--calib", str(digits_calib),
+                                       "--quantize", "int8", "--precision", rule])
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+    assert not out.exists()
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -93,6 +165,7 @@ def test_budget_that_cannot_be_met_reports_best():
     [
         (["--quantize", "int8"], "needs real inputs: give --calib"),
         (["--max-accuracy-drop", "1%"], "need --quantize"),
+        (["--precision", "fc=int8"], "need --quantize"),
         (["--quantize", "int8-dynamic", "--calib", "CALIB", "--max-accuracy-drop", "lots"], "give a percentage like 0.5%"),
         (["--quantize", "int8-dynamic", "--keep-float", "nope"], "'nope': not a quantizable layer"),
         (["--quantize", "int9"], "Invalid value for '--quantize'"),
