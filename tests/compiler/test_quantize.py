@@ -247,7 +247,9 @@ def minilm_setup(request, tmp_path_factory):
     passages, queries = [str(t) for t in ref["passages"]], [str(t) for t in ref["queries"]]
     calib = tmp_path_factory.mktemp("minilm-calib")
     for i, text in enumerate(passages + queries):
-        np.savez(calib / f"{i:02d}.npz", **minilm.encode([text], tok))
+        feeds = minilm.encode([text], tok)
+        length = int(feeds["attention_mask"].sum())  # unpadded: the budget search runs these many times
+        np.savez(calib / f"{i:02d}.npz", **{k: v[:, :length] for k, v in feeds.items()})
     return onnx_path, tok, passages, queries, ref, calib
 
 
@@ -274,6 +276,40 @@ def test_minilm_int8_keeps_embeddings_and_ranking(options, minilm_setup, tmp_pat
     expected = np.argsort(-(ref["query_embeddings"] @ ref["passage_embeddings"].T), axis=1)
     np.testing.assert_array_equal(ranking[:, :2], expected[:, :2])
     np.testing.assert_array_equal(ranking[:, 0], ref["relevant"])
+    # The 30522-token embedding table is int8 too (it is half of MiniLM's weights), gathered row by row.
+    q = bundle.manifest["quantization"]
+    tables = [layer for layer in q["layers"] if layer["op"] == "Gather"]
+    assert [t["precision"] for t in tables] == ["int8 table (block 128)"] * 3
+    if options.mode == "int8-dynamic":  # (the budget keeps some MatMuls float)
+        assert q["weight_bytes_after"] < 0.27 * q["weight_bytes_before"]
+    placement = json.loads((bundle.path / "reports" / "placement.json").read_text())
+    assert sum(p["op"] == "com.microsoft::GatherBlockQuantized" for p in placement) == 3
+
+
+@pytest.mark.slow
+def test_minilm_int4_budget_promotes_sensitive_matmuls_to_int8(minilm_setup, tmp_path):
+    """int4 everywhere loses 3.6 % cosine; a 1 % budget moves the most sensitive layers to int8, not to float."""
+    onnx_path, tok, passages, queries, ref, calib = minilm_setup
+    opts = QuantOptions("int4", max_accuracy_drop=0.01)
+    bundle = edgec.compile(onnx_path, "cpu", tmp_path / "q.edgec", calib=calib, quantize=opts)
+    q = bundle.manifest["quantization"]
+    assert q["budget_search"]["drop_all_quantized"] > 0.01 >= q["accuracy"]["drop"]
+    matmuls = [layer for layer in q["layers"] if layer["op"] == "MatMul"]
+    int4 = [layer for layer in matmuls if layer["precision"] == "int4 (block 32)"]
+    int8 = [layer for layer in matmuls if layer["precision"] == "int8 (dynamic)"]
+    assert int4 and int8 and len(int4) + len(int8) == len(matmuls) == 36  # the budget holds without a float MatMul
+    assert all(layer["reason"].startswith("promoted int4 -> int8-dynamic") for layer in int8)
+    assert max(layer["sensitivity"] for layer in int4) <= min(layer["sensitivity"] for layer in int8)
+    assert q["precisions"] == ["int4", "int8-dynamic"]
+    assert q["weight_bytes_after"] < 0.25 * q["weight_bytes_before"]  # all-int8 (int8-dynamic mode) is 0.256
+    placement = json.loads((bundle.path / "reports" / "placement.json").read_text())
+    ops = [p["op"] for p in placement]
+    assert ops.count("com.microsoft::MatMulNBits") == len(int4) and ops.count("com.microsoft::DynamicQuantizeMatMul") == len(int8)
+    with edgec.load(bundle.path) as model:
+        p = model.run(minilm.encode(passages, tok))["sentence_embedding"]
+        qe = model.run(minilm.encode(queries, tok))["sentence_embedding"]
+    assert (p * ref["passage_embeddings"]).sum(1).min() >= 0.98
+    np.testing.assert_array_equal(np.argsort(-(qe @ p.T), axis=1)[:, 0], ref["relevant"])
 
 
 @pytest.mark.slow
@@ -282,9 +318,11 @@ def test_minilm_int4_lowers_to_matmulnbits(minilm_setup, tmp_path):
     opts = QuantOptions("int4", int4_method="hqq", symmetric=False, block_size=32)
     bundle = edgec.compile(onnx_path, "cpu", tmp_path / "q.edgec", calib=calib, quantize=opts)
     q = bundle.manifest["quantization"]
-    assert all(layer["precision"] == "int4 (block 32)" for layer in q["layers"]) and len(q["layers"]) == 36
+    precisions = [(layer["op"], layer["precision"]) for layer in q["layers"]]
+    assert precisions == [("Gather", "int4 table (block 32)")] * 3 + [("MatMul", "int4 (block 32)")] * 36
     placement = json.loads((bundle.path / "reports" / "placement.json").read_text())
     assert sum(p["op"] == "com.microsoft::MatMulNBits" for p in placement) == 36
+    assert sum(p["op"] == "com.microsoft::GatherBlockQuantized" for p in placement) == 3
     assert not any(p["op"] == "DequantizeLinear" for p in placement)
     # 4-bit weights on a 22M-parameter encoder cost accuracy (int4 is meant for LLM decoders);
     # this bounds the damage and checks the lowering computes what the QDQ form says.
