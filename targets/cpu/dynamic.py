@@ -83,9 +83,12 @@ def lower_dynamic_matmuls(model: ir.Model) -> int:
 
     # The quantize-per-call pair is shared by the MatMuls reading one activation: leave matched
     # nodes to dead-node removal (the rewriter refuses to remove a node other matches still use).
-    rules = [DynamicQdqMatMulBias.rule(remove_nodes=False), DynamicQdqMatMul.rule(remove_nodes=False),
-             DynamicMatMulBias.rule(), DynamicMatMul.rule()]
-    count = pattern.RewriteRuleSet(rules, commute=True).apply_to_model(model)
+    # Bias rules run first, on their own: the rewriter visits the MatMul before its Add, so a
+    # bias-less rule in the same set would take every MatMul and leave the Adds unfused.
+    count = 0
+    for rules in ([DynamicQdqMatMulBias.rule(remove_nodes=False), DynamicMatMulBias.rule()],
+                  [DynamicQdqMatMul.rule(remove_nodes=False), DynamicMatMul.rule()]):
+        count += pattern.RewriteRuleSet(rules, commute=True).apply_to_model(model)
     if count:
         model.opset_imports.setdefault(MS, 1)
         common.RemoveUnusedNodesPass()(model)
