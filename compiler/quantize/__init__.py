@@ -122,7 +122,9 @@ def quantize(
 
         if options.max_accuracy_drop is not None:
             say("accuracy budget search")
-            result = budget.search(ladders, evaluate, options.max_accuracy_drop, say, rank=smooth if options.metric else None)
+            by_name = {n.name: n for n in layers}
+            result = budget.search(ladders, evaluate, options.max_accuracy_drop, say, rank=smooth if options.metric else None,
+                                   size=lambda name, p: mixed.size_at(by_name[name], p, options.block_size))
             chosen.update(result.precision)
             drop = result.drop
         else:
@@ -151,7 +153,7 @@ def _report(model, quantized, layers, options, start, chosen, why, ladders, resu
         if node.name in promoted:
             reason = (f"kept float: among the most sensitive layers needed to meet the accuracy budget (from {start[node.name]})"
                       if prec == "float" else
-                      f"promoted {start[node.name]} -> {prec}: among the most sensitive layers needed to meet the accuracy budget")
+                      f"promoted {start[node.name]} -> {prec}: among the most sensitive layers (per byte) for the accuracy budget")
         label = mixed.label(prec, node.op_type, options.block_size)
         if prec == "fp16" and node.name in fp16_rows:  # float16, or float32 for the reason fp16 gives (op rule, range)
             reason, label = fp16_rows[node.name]["reason"], fp16_rows[node.name]["precision"]

@@ -9,7 +9,9 @@ float for a MatMul, int8 -> float for a Conv (``mixed.ladder``). The search:
    one-at-a-time drop ranks layers more steadily than the recovery from leaving one out.
 3. Promote the top-k layers one step (int4 -> int8, int8 -> float) for the smallest k that fits,
    found by bisection over k (log₂ N evaluations, each a quantize + run over the evaluation set).
-   With two-step ladders only (plain int8 models) this is "keep the top-k in float".
+   With two-step ladders only (plain int8 models) this is "keep the top-k in float". Given
+   ``size(layer, precision)``, layers rank by sensitivity per byte the promotion adds, so a large
+   table that is a little sensitive stays small while many small weights go up instead.
 4. If even every layer one step up misses (some ladders have a middle step): rank the layers by
    their sensitivity at that middle step, bisect how many of the worst go to float with the
    rest at the middle step, then bisect how many of the least sensitive (at step 1) can go back
@@ -52,8 +54,11 @@ def search(
     budget: float,
     progress: Callable[[str], None] | None = None,
     rank: Callable[[Assignment], float] | None = None,
+    size: Callable[[str, str], float] | None = None,
 ) -> BudgetResult:
     """``evaluate(precision per layer) -> drop``; ``ladders[layer]`` runs from its first precision to "float".
+
+    ``size(layer, precision)`` (bytes; default: every layer alike) weighs each promotion by what it costs.
 
     ``rank`` (default: ``evaluate``) measures the per-layer sensitivities. A task metric that is
     coarse (a few dozen right/wrong answers) cannot tell most single layers apart; a smooth one
@@ -84,7 +89,13 @@ def search(
     for i, name in enumerate(layers):
         say(f"sensitivity {i + 1}/{len(layers)}")
         sensitivity[name] = alone(name, 0)
-    ranked = sorted(layers, key=lambda n: -sensitivity[n])
+    def per_byte(name: str, level: int, drop: float) -> float:  # drop removed per byte a promotion adds
+        if size is None:
+            return drop
+        ladder = ladders[name]
+        return drop / max(size(name, ladder[min(level + 1, len(ladder) - 1)]) - size(name, ladder[level]), 1.0)
+
+    ranked = sorted(layers, key=lambda n: -per_byte(n, 0, sensitivity[n]))
     extra = len(layers)
 
     def result(assignment: Assignment, middle_sensitivity: dict | None = None) -> BudgetResult:
@@ -107,14 +118,14 @@ def search(
         say(f"sensitivity at {middle[name]} {i + 1}/{len(three)}")
         middle_sensitivity[name] = alone(name, 1)
     extra += len(three)
-    worst = sorted(three, key=lambda n: -middle_sensitivity[n])
+    worst = sorted(three, key=lambda n: -per_byte(n, 1, middle_sensitivity[n]))
 
     def to_float(j: int) -> Assignment:
         return {**middle, **{n: "float" for n in worst[:j]}}
 
     j = _smallest_fitting(lambda j: run(to_float(j)) <= budget, len(worst), say, "in float")
     chosen = to_float(j)
-    back = [n for n in reversed(ranked) if chosen[n] != "float" and chosen[n] != first[n]]  # least sensitive first
+    back = [n for n in reversed(ranked) if chosen[n] != "float" and chosen[n] != first[n]]  # least sensitive per byte first
 
     def lowered(m: int) -> Assignment:
         return {**chosen, **{n: first[n] for n in back[:m]}}
