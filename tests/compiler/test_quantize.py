@@ -244,7 +244,7 @@ def test_max_accuracy_drop_keeps_sensitive_layers_float(rec_data, tmp_path):
     kept = [layer for layer in q["layers"] if layer["precision"] == "float"]
     assert 0 < len(kept) < len(q["layers"])
     assert all("most sensitive" in layer["reason"] for layer in kept)
-    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    shown = CliRunner().invoke(main, ["inspect", str(out)], env={"COLUMNS": "300"})  # wide: no wrapped reasons
     assert "quantization int8" in shown.output and "most sensitive" in shown.output
 
 
