@@ -161,7 +161,8 @@ def quantize_activations_per_call(model: ir.Model, names: Collection[str]) -> No
 
 def size_at(node: ir.Node, precision: str, block_size: int) -> float:
     """Bytes the layer's weight takes at ``precision`` (codes and scales), to weigh the budget's promotions."""
-    weight = node.inputs[0 if node.op_type == "Gather" else 1]
+    index = 0 if node.op_type == "Gather" else 1
+    weight = node.inputs[index] if len(node.inputs) > index else None
     elements = weight.const_value.size if weight is not None and weight.const_value is not None else 0
     per_element = {"int4": 0.5 + 4 / block_size, "int8": 1.0, "int8-dynamic": 1.0, "fp16": 2.0, "float": 4.0}[precision]
     return elements * per_element
