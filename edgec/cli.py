@@ -64,7 +64,7 @@ def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
 @click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int4", "fp16"]), help="Quantize: int8 (static, needs --calib), int8-dynamic, int4 (weights), fp16.")
 @click.option("--calibration", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="How int8 activation ranges are chosen.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration samples to read at most.")
-@click.option("--max-accuracy-drop", metavar="X%", help="Keep the most sensitive layers in float until the accuracy drop vs float is at most this (e.g. 0.5%).")
+@click.option("--max-accuracy-drop", metavar="X%", help="Promote the most sensitive layers a step (int4 -> int8 -> float) until the accuracy drop vs float is at most this (e.g. 0.5%).")
 @click.option("--keep-float", multiple=True, metavar="NODE", help="Keep this layer in float (repeatable).")
 @click.option("--precision", "precision_rules", multiple=True, metavar="PATTERN=PRECISION",
               help="Give the layers whose name or op type matches the glob PATTERN int8, int8-dynamic, int4, fp16 or float "
