@@ -64,8 +64,11 @@ def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
 @click.option("--quantize", type=click.Choice(["int8", "int8-dynamic", "int4", "fp16"]), help="Quantize: int8 (static, needs --calib), int8-dynamic, int4 (weights), fp16.")
 @click.option("--calibration", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True, help="How int8 activation ranges are chosen.")
 @click.option("--calib-samples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration samples to read at most.")
-@click.option("--max-accuracy-drop", metavar="X%", help="Keep the most sensitive layers in float until the accuracy drop vs float is at most this (e.g. 0.5%).")
+@click.option("--max-accuracy-drop", metavar="X%", help="Promote the most sensitive layers a step (int4 -> int8 -> float) until the accuracy drop vs float is at most this (e.g. 0.5%).")
 @click.option("--keep-float", multiple=True, metavar="NODE", help="Keep this layer in float (repeatable).")
+@click.option("--precision", "precision_rules", multiple=True, metavar="PATTERN=PRECISION",
+              help="Give the layers whose name or op type matches the glob PATTERN int8, int8-dynamic, int4, fp16 or float "
+                   "instead of --quantize's mode (repeatable; the last match wins), e.g. --precision Conv=int8.")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True, help="int4 block size.")
 @click.option("--asymmetric", is_flag=True, help="int4 with zero points (default symmetric).")
 @click.option("--int4-method", type=click.Choice(["rtn", "hqq"]), default="rtn", show_default=True, help="int4 rounding: round-to-nearest or HQQ.")
@@ -78,7 +81,7 @@ def _shapes(specs: tuple[str, ...], flag: str) -> dict[str, list[int]]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress or summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def compile(model, target, output, input_shape, sample_shape, calib, calib_mean, calib_std, calib_bgr, tokenizer, calib_max_length,
-            samples, tolerance, quantize, calibration, calib_samples, max_accuracy_drop, keep_float, block_size, asymmetric,
+            samples, tolerance, quantize, calibration, calib_samples, max_accuracy_drop, keep_float, precision_rules, block_size, asymmetric,
             int4_method, int4_accuracy, disable_pass, check_each_pass, force, as_zip, quiet, as_json):
     """Compile MODEL (.onnx) for a target into a verified bundle."""
     import edgec
@@ -94,9 +97,10 @@ def compile(model, target, output, input_shape, sample_shape, calib, calib_mean,
         quant = QuantOptions(
             mode=quantize, calibration=calibration, block_size=int(block_size), symmetric=not asymmetric,
             int4_method=int4_method, int4_accuracy=int4_accuracy, max_accuracy_drop=_fraction(max_accuracy_drop), keep_float=keep_float,
+            precision=tuple(_precision_rule(r) for r in precision_rules),
         )
-    elif max_accuracy_drop or keep_float:
-        raise InputError("--max-accuracy-drop and --keep-float need --quantize")
+    elif max_accuracy_drop or keep_float or precision_rules:
+        raise InputError("--max-accuracy-drop, --keep-float and --precision need --quantize")
 
     if output is None:
         output = Path(f"{model.stem}.edgec" + (".zip" if as_zip else ""))
@@ -117,6 +121,13 @@ def compile(model, target, output, input_shape, sample_shape, calib, calib_mean,
     elif not quiet:
         _summary(bundle.manifest, output)
     bundle.close()
+
+
+def _precision_rule(text: str) -> tuple[str, str]:
+    pattern, sep, precision = text.rpartition("=")
+    if not sep or not pattern:
+        raise InputError(f"--precision {text!r}: give PATTERN=PRECISION, e.g. MatMul=int4 or '*attention*=float'")
+    return pattern, precision
 
 
 def _fraction(text: str | None) -> float | None:
@@ -219,10 +230,13 @@ def _inspect(m: dict, placement: list[dict], nodes: bool) -> None:
                  + (f"; weights {q['weight_bytes_before']:,} → {q['weight_bytes_after']:,} bytes" if q["weight_bytes_before"] else "")
                  + (f"; {acc['metric']} drop {acc['drop']:.3%} on {acc['samples']} samples" if acc else "")
                  + (f" (budget {acc['budget']:.3%})" if acc.get("budget") is not None else ""))
-        layers = Table("layer", "op", "precision", "sensitivity", "why", title=escape(title), title_justify="left")
+        layers = Table("layer", "op", "precision", "weights KB", "sensitivity", "why", title=escape(title), title_justify="left")
         for layer in q["layers"]:
             sens = f"{layer['sensitivity']:.3%}" if "sensitivity" in layer else "-"
-            layers.add_row(escape(layer["node"]), layer["op"], layer["precision"], sens, layer["reason"])
+            if "sensitivity_middle" in layer:  # the drop with only this layer one step up (the budget's second ranking)
+                sens += f" ({layer['sensitivity_middle']:.3%} one step up)"
+            size = f"{layer['weight_bytes'][0] / 1e3:,.0f} → {layer['weight_bytes'][1] / 1e3:,.0f}" if "weight_bytes" in layer else "-"
+            layers.add_row(escape(layer["node"]), layer["op"], layer["precision"], size, sens, escape(layer["reason"]))
         out.print(layers)
     ops: dict[tuple[str, str], int] = {}
     for p in placement:

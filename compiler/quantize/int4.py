@@ -268,10 +268,12 @@ def quantize_int4(
     method: str = "rtn",
     exclude: Collection[str] = (),
     min_elements: int = 0,
+    cache: dict | None = None,
 ) -> dict:
     """Quantize every constant 2-D float weight of a MatMul/Gemm in the main graph to int4 blocks.
 
-    Changes ``model`` in place. Returns ``layers`` (count), ``bytes_before``/``bytes_after``
+    Changes ``model`` in place. ``cache`` (weight name -> codes) lets repeated builds of the same
+    float model (the accuracy budget's) quantize each weight once. Returns ``layers`` (count), ``bytes_before``/``bytes_after``
     (float weights vs packed codes + scales + zero points), ``errors`` (node -> relative RMS
     weight error), ``skipped`` (node -> reason) and ``opset`` (what happened to it).
     """
@@ -293,7 +295,12 @@ def quantize_int4(
         w = w.T if cand.transposed else w
         key = (id(cand.weight), cand.transposed)  # a weight shared by several nodes is stored once
         if key not in done:
-            wq = quantize_blocks(w, block_size, symmetric=symmetric, method=method)
+            cached = (cand.weight.name, cand.transposed, block_size, symmetric, method)
+            wq = cache.get(cached) if cache is not None else None
+            if wq is None:
+                wq = quantize_blocks(w, block_size, symmetric=symmetric, method=method)
+                if cache is not None:
+                    cache[cached] = wq
             done[key] = (wq, *_initializers(graph, cand.weight.name or f"{cand.node.name}_B", wq))
             stats["bytes_before"] += w.nbytes
             stats["bytes_after"] += wq.nbytes

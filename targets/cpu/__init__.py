@@ -19,6 +19,7 @@ from edgec.compiler.quantize.fp16 import fp16_kernel_coverage, has_fp16_cpu_kern
 from edgec.errors import UnsupportedOpError
 from edgec.runtime import ort as ort_backend
 from edgec.targets.cpu.dynamic import lower_dynamic_matmuls
+from edgec.targets.cpu.gather import lower_quantized_gathers
 from edgec.targets.cpu.matmulnbits import lower_int4_matmuls
 from edgec.targets.cpu.qdq_activations import lower_quantized_activations
 from edgec.targets.base import Lowered, NodePlacement, node_label
@@ -68,13 +69,15 @@ class CpuTarget:
     def lower(self, model: ir.Model, out_dir: Path, options: dict) -> Lowered:
         """Rewrite QDQ into ORT's fastest kernels (in place), check every node has one, write files."""
         quant = options.get("quantization") or {}
+        used = quant.get("precisions", [quant.get("mode")])  # a bundle can mix precisions per layer
         fuse_for_ort(model)
-        if quant.get("mode") == "int8":
+        if "int8" in used:
             lower_quantized_activations(model)
-        elif quant.get("mode") == "int8-dynamic":
+        if "int8-dynamic" in used:
             lower_dynamic_matmuls(model)
-        elif quant.get("mode") == "int4":
+        if "int4" in used:
             lower_int4_matmuls(model, accuracy_level=_int4_level(quant))
+        lower_quantized_gathers(model)
         unplaced = [p for p in self.placement(model) if p.device == "none"]
         if unplaced:
             p = unplaced[0]
@@ -93,7 +96,7 @@ class CpuTarget:
             _write_required_operators(out_dir / "model.ort", out_dir / "required_operators.config")
             files += ["model.ort", "required_operators.config"]
         settings = {"backend": "onnxruntime", **ort_backend.DEFAULT_SETTINGS}
-        if quant.get("mode") == "int4":  # also for the int4/int8 weights ORT fuses into MatMulNBits itself at load
+        if "int4" in used:  # also for the int4/int8 weights ORT fuses into MatMulNBits itself at load
             settings["config"] = {"session.qdq_matmulnbits_accuracy_level": _int4_level(quant)}
         notes = []
         if quant.get("mode") == "fp16":

@@ -70,19 +70,103 @@ def test_keep_float_and_task_metric(digits_calib, tmp_path):
 # --- the budget search itself ---------------------------------------------------------------------
 
 
+def _additive(cost: dict[str, dict[str, float]]):
+    """evaluate(precision per layer) for drops that add up: cost[layer][precision], float costs nothing."""
+    return lambda precision: sum(cost[n].get(p, 0.0) for n, p in precision.items())  # noqa: E731
+
+
 def test_budget_search_keeps_most_sensitive_first():
-    cost = {"a": 0.001, "b": 0.02, "c": 0.005, "d": 0.0}  # additive drops per quantized layer
-    evaluate = lambda kept: sum(v for k, v in cost.items() if k not in kept)  # noqa: E731
-    result = budget.search(list(cost), evaluate, budget=0.004)
-    assert result.kept_float == ["b", "c"]
+    cost = {"a": {"int8": 0.001}, "b": {"int8": 0.02}, "c": {"int8": 0.005}, "d": {"int8": 0.0}}
+    ladders = {n: ("int8", "float") for n in cost}
+    result = budget.search(ladders, _additive(cost), budget=0.004)
+    assert result.precision == {"a": "int8", "b": "float", "c": "float", "d": "int8"}
+    assert result.promoted(ladders) == ["b", "c"]
     assert result.drop == pytest.approx(0.001)
-    assert result.sensitivity == pytest.approx(cost)
-    assert budget.search(list(cost), evaluate, budget=0.1).kept_float == []
+    assert result.sensitivity == pytest.approx({n: c["int8"] for n, c in cost.items()})
+    assert budget.search(ladders, _additive(cost), budget=0.1).precision == {n: "int8" for n in cost}
+
+
+def test_budget_search_promotes_one_step_before_float():
+    """int4 layers go to int8 first; none goes to float while an all-int8-or-lower mix can fit."""
+    cost = {"a": {"int4": 0.010, "int8-dynamic": 0.001}, "b": {"int4": 0.002, "int8-dynamic": 0.0005},
+            "c": {"int4": 0.020, "int8-dynamic": 0.002}, "conv": {"int8": 0.004}}
+    ladders = {"a": ("int4", "int8-dynamic", "float"), "b": ("int4", "int8-dynamic", "float"),
+               "c": ("int4", "int8-dynamic", "float"), "conv": ("int8", "float")}
+    result = budget.search(ladders, _additive(cost), budget=0.008)
+    # c (0.020) and a (0.010) are the most sensitive: one step up each; b stays int4; conv needs float.
+    assert result.precision == {"a": "int8-dynamic", "b": "int4", "c": "int8-dynamic", "conv": "float"}
+    assert result.drop == pytest.approx(0.005)
+
+
+def test_budget_search_weighs_promotions_by_the_bytes_they_add():
+    """A big table a little sensitive stays int4 when promoting two small layers fits the budget too."""
+    cost = {"table": {"int4": 0.004}, "small1": {"int4": 0.003}, "small2": {"int4": 0.003}}
+    ladders = {n: ("int4", "int8-dynamic", "float") for n in cost}
+    elements = {"table": 1000, "small1": 10, "small2": 10}
+    size = lambda name, p: elements[name] * {"int4": 0.5, "int8-dynamic": 1, "float": 4}[p]  # noqa: E731
+    assert budget.search(ladders, _additive(cost), budget=0.005).precision == {
+        "table": "int8-dynamic", "small1": "int8-dynamic", "small2": "int4"}  # by sensitivity alone
+    assert budget.search(ladders, _additive(cost), budget=0.005, size=size).precision == {
+        "table": "int4", "small1": "int8-dynamic", "small2": "int8-dynamic"}
+
+
+def test_budget_search_three_tiers_when_one_step_is_not_enough():
+    cost = {"a": {"int4": 0.05, "int8-dynamic": 0.03}, "b": {"int4": 0.004, "int8-dynamic": 0.001},
+            "c": {"int4": 0.002, "int8-dynamic": 0.001}}
+    ladders = {n: ("int4", "int8-dynamic", "float") for n in cost}
+    result = budget.search(ladders, _additive(cost), budget=0.004)
+    # all int8 is 0.032 > budget: a goes float; with b, c int8 (0.002) it fits; c back to int4 (0.003) still fits.
+    assert result.precision == {"a": "float", "b": "int8-dynamic", "c": "int4"}
+    assert result.sensitivity_middle == pytest.approx({n: c["int8-dynamic"] for n, c in cost.items()})
+    assert result.drop == pytest.approx(0.003)
 
 
 def test_budget_that_cannot_be_met_reports_best():
     with pytest.raises(budget.BudgetError, match="cannot be met.*all 2 layers in float the drop is 1.0000%"):
-        budget.search(["a", "b"], lambda kept: 0.01 + 0.01 * (len(kept) == 0), budget=0.001)
+        budget.search({"a": ("int8", "float"), "b": ("int8", "float")},
+                      lambda p: 0.01 + 0.01 * ("int8" in p.values()), budget=0.001)
+
+
+# --- precision per layer, by hand --------------------------------------------------------------------
+
+
+def test_digits_int8_convs_with_an_int4_classifier(digits_calib, tmp_path):
+    """--quantize int4 leaves Convs float; --precision Conv=int8 makes them static int8 in the same bundle."""
+    out = tmp_path / "mix.edgec"
+    result = CliRunner().invoke(main, ["compile", str(digits.model_path()), "-o", str(out), "--calib", str(digits_calib),
+                                       "--quantize", "int4", "--block-size", "16", "--precision", "Conv=int8", "--json"])
+    assert result.exit_code == 0, result.output
+    q = json.loads(result.output)["quantization"]
+    layers = {layer["node"]: layer for layer in q["layers"]}
+    assert sorted((layer["op"], layer["precision"]) for layer in layers.values()) == [
+        ("Conv", "int8")] * 3 + [("Gemm", "int4 (block 16)")]
+    assert all(layer["reason"] == "set by --precision Conv=int8" for layer in layers.values() if layer["op"] == "Conv")
+    assert q["precisions"] == ["int4", "int8"] and q["calibration"] == "minmax"
+    assert all(a < b for b, a in (layer["weight_bytes"] for layer in layers.values()))
+    ops = {n["op"] for n in json.loads((out / "reports" / "placement.json").read_text())}
+    assert {"QuantizeLinear", "DequantizeLinear", "com.microsoft::MatMulNBits"} <= ops
+    assert _accuracy(out) >= 0.98
+    shown = CliRunner().invoke(main, ["inspect", str(out)], env={"COLUMNS": "300"})
+    assert "set by --precision Conv=int8" in shown.output and "int4 (block 16)" in shown.output
+
+
+@pytest.mark.parametrize(
+    "rule, words",
+    [
+        ("Conv=int4", "is a Conv; int4 applies to MatMul, Gemm, Gather"),
+        ("lstm*=int8", "matches no quantizable layer"),
+        ("fc=int9", "unknown precision"),
+        ("fc", "give PATTERN=PRECISION"),
+        ("Conv=fp16", "fp16 mixes only with float"),
+    ],
+)
+def test_precision_rule_errors(rule, words, digits_calib, tmp_path):
+    out = tmp_path / "q.edgec"
+    result = CliRunner().invoke(main, ["compile", str(digits.model_path()), "-o", str(out), "--calib", str(digits_calib),
+                                       "--quantize", "int8", "--precision", rule])
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+    assert not out.exists()
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -93,6 +177,7 @@ def test_budget_that_cannot_be_met_reports_best():
     [
         (["--quantize", "int8"], "needs real inputs: give --calib"),
         (["--max-accuracy-drop", "1%"], "need --quantize"),
+        (["--precision", "fc=int8"], "need --quantize"),
         (["--quantize", "int8-dynamic", "--calib", "CALIB", "--max-accuracy-drop", "lots"], "give a percentage like 0.5%"),
         (["--quantize", "int8-dynamic", "--keep-float", "nope"], "'nope': not a quantizable layer"),
         (["--quantize", "int9"], "Invalid value for '--quantize'"),
@@ -159,7 +244,7 @@ def test_max_accuracy_drop_keeps_sensitive_layers_float(rec_data, tmp_path):
     kept = [layer for layer in q["layers"] if layer["precision"] == "float"]
     assert 0 < len(kept) < len(q["layers"])
     assert all("most sensitive" in layer["reason"] for layer in kept)
-    shown = CliRunner().invoke(main, ["inspect", str(out)])
+    shown = CliRunner().invoke(main, ["inspect", str(out)], env={"COLUMNS": "300"})  # wide: no wrapped reasons
     assert "quantization int8" in shown.output and "most sensitive" in shown.output
 
 
@@ -235,7 +320,9 @@ def minilm_setup(request, tmp_path_factory):
     passages, queries = [str(t) for t in ref["passages"]], [str(t) for t in ref["queries"]]
     calib = tmp_path_factory.mktemp("minilm-calib")
     for i, text in enumerate(passages + queries):
-        np.savez(calib / f"{i:02d}.npz", **minilm.encode([text], tok))
+        feeds = minilm.encode([text], tok)
+        length = int(feeds["attention_mask"].sum())  # unpadded: the budget search runs these many times
+        np.savez(calib / f"{i:02d}.npz", **{k: v[:, :length] for k, v in feeds.items()})
     return onnx_path, tok, passages, queries, ref, calib
 
 
@@ -262,6 +349,41 @@ def test_minilm_int8_keeps_embeddings_and_ranking(options, minilm_setup, tmp_pat
     expected = np.argsort(-(ref["query_embeddings"] @ ref["passage_embeddings"].T), axis=1)
     np.testing.assert_array_equal(ranking[:, :2], expected[:, :2])
     np.testing.assert_array_equal(ranking[:, 0], ref["relevant"])
+    # The 30522-token embedding table is int8 too (it is half of MiniLM's weights), gathered row by row.
+    q = bundle.manifest["quantization"]
+    tables = {layer["node"]: layer["precision"] for layer in q["layers"] if layer["op"] == "Gather"}
+    assert tables["/embeddings/word_embeddings/Gather"] == "int8 table (block 128)"
+    if options.mode == "int8-dynamic":  # (the budget may keep some MatMuls and the tiny tables float)
+        assert set(tables.values()) == {"int8 table (block 128)"} and len(tables) == 3
+        assert q["weight_bytes_after"] < 0.27 * q["weight_bytes_before"]
+    placement = json.loads((bundle.path / "reports" / "placement.json").read_text())
+    gathered = sum(p["op"] == "com.microsoft::GatherBlockQuantized" for p in placement)
+    assert gathered == sum(p != "float" for p in tables.values())
+
+
+@pytest.mark.slow
+def test_minilm_int4_budget_promotes_sensitive_matmuls_to_int8(minilm_setup, tmp_path):
+    """int4 everywhere loses 3.6 % cosine; a 1 % budget moves the most sensitive layers to int8, not to float."""
+    onnx_path, tok, passages, queries, ref, calib = minilm_setup
+    opts = QuantOptions("int4", max_accuracy_drop=0.01)
+    bundle = edgec.compile(onnx_path, "cpu", tmp_path / "q.edgec", calib=calib, quantize=opts)
+    q = bundle.manifest["quantization"]
+    assert q["budget_search"]["drop_all_quantized"] > 0.01 >= q["accuracy"]["drop"]
+    matmuls = [layer for layer in q["layers"] if layer["op"] == "MatMul"]
+    int4 = [layer for layer in matmuls if layer["precision"] == "int4 (block 32)"]
+    int8 = [layer for layer in matmuls if layer["precision"] == "int8 (dynamic)"]
+    assert int4 and int8 and len(int4) + len(int8) == len(matmuls) == 36  # the budget holds without a float MatMul
+    assert all(layer["reason"].startswith("promoted int4 -> int8-dynamic") for layer in int8)
+    assert q["precisions"] == ["int4", "int8-dynamic"]
+    assert q["weight_bytes_after"] < 0.25 * q["weight_bytes_before"]  # all-int8 (int8-dynamic mode) is 0.256
+    placement = json.loads((bundle.path / "reports" / "placement.json").read_text())
+    ops = [p["op"] for p in placement]
+    assert ops.count("com.microsoft::MatMulNBits") == len(int4) and ops.count("com.microsoft::DynamicQuantizeMatMul") == len(int8)
+    with edgec.load(bundle.path) as model:
+        p = model.run(minilm.encode(passages, tok))["sentence_embedding"]
+        qe = model.run(minilm.encode(queries, tok))["sentence_embedding"]
+    assert (p * ref["passage_embeddings"]).sum(1).min() >= 0.98
+    np.testing.assert_array_equal(np.argsort(-(qe @ p.T), axis=1)[:, 0], ref["relevant"])
 
 
 @pytest.mark.slow
@@ -270,9 +392,11 @@ def test_minilm_int4_lowers_to_matmulnbits(minilm_setup, tmp_path):
     opts = QuantOptions("int4", int4_method="hqq", symmetric=False, block_size=32)
     bundle = edgec.compile(onnx_path, "cpu", tmp_path / "q.edgec", calib=calib, quantize=opts)
     q = bundle.manifest["quantization"]
-    assert all(layer["precision"] == "int4 (block 32)" for layer in q["layers"]) and len(q["layers"]) == 36
+    precisions = [(layer["op"], layer["precision"]) for layer in q["layers"]]
+    assert precisions == [("Gather", "int4 table (block 32)")] * 3 + [("MatMul", "int4 (block 32)")] * 36
     placement = json.loads((bundle.path / "reports" / "placement.json").read_text())
     assert sum(p["op"] == "com.microsoft::MatMulNBits" for p in placement) == 36
+    assert sum(p["op"] == "com.microsoft::GatherBlockQuantized" for p in placement) == 3
     assert not any(p["op"] == "DequantizeLinear" for p in placement)
     # 4-bit weights on a 22M-parameter encoder cost accuracy (int4 is meant for LLM decoders);
     # this bounds the damage and checks the lowering computes what the QDQ form says.

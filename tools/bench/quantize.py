@@ -57,8 +57,10 @@ def minilm_case():
 
     variants = {
         "edgec int8-dynamic": QuantOptions("int8-dynamic"),
+        "edgec int8-dynamic, float embedding tables": QuantOptions("int8-dynamic", precision=(("Gather", "float"),)),
         "edgec int8 (0.5% budget)": QuantOptions("int8", calibration="percentile", max_accuracy_drop=0.005),
         "edgec int4 (hqq, block 32)": QuantOptions("int4", int4_method="hqq"),
+        "edgec int4 → int8 per layer (1% budget)": QuantOptions("int4", max_accuracy_drop=0.01),
     }
     return "MiniLM-L6 (8×256 tokens)", src, calib, feeds, accuracy, variants
 
@@ -134,9 +136,12 @@ def main() -> None:
             candidates[name] = b.path / "model.onnx"
         for name, quantize in (
             ("ORT quantize_dynamic (defaults)", lambda out: quantize_dynamic(str(src), str(out))),
+            # edgec's int8-dynamic choices in ORT's quantizer: per-channel weights, weight MatMuls only
+            ("ORT quantize_dynamic (per-channel, weight MatMuls only)", lambda out: quantize_dynamic(
+                str(src), str(out), per_channel=True, extra_options={"MatMulConstBOnly": True})),
             ("ORT quantize_static (defaults, QDQ)", lambda out: quantize_static(str(src), str(out), _Reader(calib), quant_format=QuantFormat.QDQ)),
         ):
-            out = OUT / f"{key}-ort-{name.split()[2]}.onnx"
+            out = OUT / f"{key}-ort-{name.split()[2]}{'-weights' if 'weight' in name else ''}.onnx"
             try:
                 quantize(out)
                 candidates[name] = out
