@@ -9,13 +9,17 @@ through ORT's IOBinding:
     present.*          -> OrtValues ORT allocates; they become the next step's past
     logits             -> decode steps write straight into a preallocated numpy buffer
 
-A cache is anything with ``length``, ``bind(io, new_tokens)`` and ``update(outputs, new_tokens)``.
-``DynamicCache`` is the concat-style cache the graphs above need (the cache grows by one position per
-step, ORT allocates it). A preallocated ``StaticCache`` for graphs whose attention is
-GroupQueryAttention with a shared past/present buffer (onnxruntime-genai's
-``past_present_share_buffer``) slots in here: it binds one buffer of [1, kv_heads, max_length,
-head_dim] per tensor as both past and present, a fixed-length attention mask, and updates ``length``
-only, so nothing is allocated or copied per token.
+A cache is anything with ``length``, ``bind(io, new_tokens)`` and ``update(outputs, new_tokens)``:
+
+    DynamicCache  the concat-style cache of plain optimum graphs: present = Concat(past, new) is one
+                  position longer each step, allocated by ORT, and becomes the next step's past.
+    StaticCache   for graphs whose attention is GroupQueryAttention (what the cpu target lowers
+                  decoders to, see ``edgec.targets.cpu.decoder``): one preallocated buffer of
+                  [1, kv_heads, max_length, head_dim] per tensor is bound as both past and present
+                  (onnxruntime-genai's ``past_present_share_buffer``); GQA writes the new positions
+                  in place, so a step allocates and copies nothing but ``length`` grows.
+
+A bundle's runtime settings say which one its graph takes (``"kv_cache": "shared-buffer"``).
 """
 
 from __future__ import annotations
@@ -66,14 +70,48 @@ class DynamicCache:
         self.length += new_tokens
 
 
+class StaticCache:
+    """One [1, kv_heads, max_length, head_dim] buffer per cache tensor, bound as past and present alike.
+
+    Sized once per generation (prompt + tokens to generate), so memory follows the request rather
+    than the model's whole context.
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]], kv_heads: int, head_dim: int, dtype: type,
+                 max_length: int) -> None:
+        self.pairs = pairs
+        self.length = 0
+        self.max_length = max_length
+        shape = [1, kv_heads, max_length, head_dim]
+        self.buffers = {past: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype) for past, _ in pairs}
+        self._mask = np.ones((1, max_length), np.int64)
+
+    def bind(self, io: ort.IOBinding, new_tokens: int) -> list[str]:
+        total = self.length + new_tokens
+        if total > self.max_length:
+            raise InputError(f"{total} positions do not fit the key/value cache of {self.max_length}; "
+                             "start a new cache sized for the whole generation")
+        for past, present in self.pairs:
+            io.bind_ortvalue_input(past, self.buffers[past])
+            io.bind_ortvalue_output(present, self.buffers[past])
+        io.bind_cpu_input("attention_mask", self._mask[:, :total])
+        return [present for _, present in self.pairs]
+
+    def update(self, outputs: dict[str, ort.OrtValue], new_tokens: int) -> None:
+        del outputs  # GroupQueryAttention wrote the new positions into the shared buffers
+        self.length += new_tokens
+
+
 class DecoderSession:
     """An ORT session of a decoder, run chunk by chunk with the cache bound through IOBinding.
 
     Not thread-safe: callers serialize (``LLM`` holds a lock); each generation uses its own cache.
     """
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, *, shared_kv: bool = False) -> None:
+        """``shared_kv``: the graph's attention takes one buffer as past and present (``StaticCache``)."""
         self.session = session
+        self.shared_kv = shared_kv
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         missing = [n for n in ("input_ids",) if n not in inputs] + [n for n in ("logits",) if n not in outputs]
@@ -118,7 +156,10 @@ class DecoderSession:
     def layers(self) -> int:
         return len(self.pairs) // 2
 
-    def new_cache(self) -> DynamicCache:
+    def new_cache(self, max_length: int) -> KVCache:
+        """An empty cache for a generation of at most ``max_length`` positions (prompt included)."""
+        if self.shared_kv:
+            return StaticCache(self.pairs, self.kv_heads, self.head_dim, self.kv_dtype, max_length)
         return DynamicCache(self.pairs, self.kv_heads, self.head_dim, self.kv_dtype)
 
     def cache_bytes_per_token(self) -> int:

@@ -18,6 +18,7 @@ from edgec.compiler.passes import DEFAULT_PASSES
 from edgec.compiler.quantize.fp16 import fp16_kernel_coverage, has_fp16_cpu_kernel, reads_or_writes_fp16
 from edgec.errors import UnsupportedOpError
 from edgec.runtime import ort as ort_backend
+from edgec.targets.cpu.decoder import lower_attention
 from edgec.targets.cpu.dynamic import lower_dynamic_matmuls
 from edgec.targets.cpu.matmulnbits import lower_int4_matmuls
 from edgec.targets.base import Lowered, NodePlacement, node_label
@@ -72,6 +73,7 @@ class CpuTarget:
             lower_dynamic_matmuls(model)
         elif quant.get("mode") == "int4":
             lower_int4_matmuls(model, accuracy_level=_int4_level(quant))
+        attention = lower_attention(model)
         unplaced = [p for p in self.placement(model) if p.device == "none"]
         if unplaced:
             p = unplaced[0]
@@ -92,6 +94,8 @@ class CpuTarget:
         settings = {"backend": "onnxruntime", **ort_backend.DEFAULT_SETTINGS}
         if quant.get("mode") == "int4":  # also for the int4/int8 weights ORT fuses into MatMulNBits itself at load
             settings["config"] = {"session.qdq_matmulnbits_accuracy_level": _int4_level(quant)}
+        if attention.get("shared_buffer"):  # the runtime binds one key/value buffer as past and present
+            settings["kv_cache"] = "shared-buffer"
         notes = []
         if quant.get("mode") == "fp16":
             slow = [op for op, ok in fp16_kernel_coverage(model).items() if not ok]
