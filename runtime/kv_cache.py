@@ -82,8 +82,10 @@ class StaticCache:
         self.pairs = pairs
         self.length = 0
         self.max_length = max_length
-        shape = [1, kv_heads, max_length, head_dim]
-        self.buffers = {past: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype) for past, _ in pairs}
+        # numpy owns the memory (OrtValues borrow it): freed with the cache, where buffers from ORT's
+        # allocator would stay in its arena and grow it with every differently sized generation.
+        self._arrays = [np.zeros((1, kv_heads, max_length, head_dim), dtype) for _ in pairs]
+        self.buffers = {past: ort.OrtValue.ortvalue_from_numpy(a) for (past, _), a in zip(pairs, self._arrays)}
         self._mask = np.ones((1, max_length), np.int64)
 
     def bind(self, io: ort.IOBinding, new_tokens: int) -> list[str]:
@@ -171,7 +173,8 @@ class DecoderSession:
         ([n, vocab]) else of the last one ([vocab]), as float32.
 
         ``logits_out``, a C-contiguous [1, n, vocab] array of the logits' dtype, receives the logits
-        without a copy (decode steps reuse one buffer).
+        (decode steps reuse one buffer). Otherwise ORT writes them into a numpy array made here, so
+        a prefill chunk's [n, vocab] logits exist once, not also in ORT's arena.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
@@ -180,6 +183,9 @@ class DecoderSession:
         if self.has_positions:
             io.bind_cpu_input("position_ids", np.arange(cache.length, cache.length + n, dtype=np.int64)[None])
         names = cache.bind(io, n)
+        given = logits_out
+        if logits_out is None and self.vocab is not None:
+            logits_out = np.empty((1, n, self.vocab), self.logits_dtype)
         if logits_out is not None:
             io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits_out))
         else:
@@ -193,7 +199,7 @@ class DecoderSession:
         cache.update(bound, n)
         logits = logits_out if logits_out is not None else bound["logits"].numpy()
         logits = logits[0] if all_logits else logits[0, -1]
-        return logits.astype(np.float32, copy=logits_out is not None or not all_logits)
+        return logits.astype(np.float32, copy=given is not None or not all_logits)
 
     def prefill(self, ids: Sequence[int], cache: KVCache, *, chunk: int, all_logits: bool = False,
                 stop: Callable[[], bool] | None = None) -> np.ndarray | None:

@@ -18,7 +18,7 @@ from edgec.compiler.passes import DEFAULT_PASSES
 from edgec.compiler.quantize.fp16 import fp16_kernel_coverage, has_fp16_cpu_kernel, reads_or_writes_fp16
 from edgec.errors import UnsupportedOpError
 from edgec.runtime import ort as ort_backend
-from edgec.targets.cpu.decoder import lower_attention
+from edgec.targets.cpu.decoder import is_decoder, lower_attention
 from edgec.targets.cpu.dynamic import lower_dynamic_matmuls
 from edgec.targets.cpu.matmulnbits import lower_int4_matmuls
 from edgec.targets.base import Lowered, NodePlacement, node_label
@@ -82,7 +82,8 @@ class CpuTarget:
         artifact = out_dir / "model.onnx"
         files = ["model.onnx"]
         proto = ir.serde.serialize_model(model)
-        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        # A decoder's weights go beside the graph too: ORT memory-maps them instead of copying them in.
+        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD or is_decoder(model):
             ir.save(model, artifact, external_data="model.onnx.data")
             files.append("model.onnx.data")
         else:

@@ -67,7 +67,7 @@ def lower_attention(model: ir.Model) -> dict[str, int]:
     without a key/value cache (encoders) are left alone: ORT's MultiHeadAttention measured slower
     than the plain ops there (see ``fuse_for_ort``).
     """
-    if not any(v.name.startswith("past_key_values.") for v in model.graph.inputs):
+    if not is_decoder(model):
         return {}
     counts = {"rotary_embedding": rotary_embedding.fuse_rotary_embedding(model)}
     if counts["rotary_embedding"]:
@@ -79,6 +79,11 @@ def lower_attention(model: ir.Model) -> dict[str, int]:
     common.RemoveUnusedNodesPass()(model)
     counts["shared_buffer"] = int(_presents_from_gqa(model))
     return {k: v for k, v in counts.items() if v}
+
+
+def is_decoder(model: ir.Model) -> bool:
+    """A graph with a key/value cache (``past_key_values.N.*`` inputs)."""
+    return any(v.name.startswith("past_key_values.") for v in model.graph.inputs)
 
 
 def _presents_from_gqa(model: ir.Model) -> bool:
