@@ -18,7 +18,7 @@ from edgec.compiler.passes import DEFAULT_PASSES
 from edgec.compiler.quantize.fp16 import fp16_kernel_coverage, has_fp16_cpu_kernel, reads_or_writes_fp16
 from edgec.errors import UnsupportedOpError
 from edgec.runtime import ort as ort_backend
-from edgec.targets.cpu.decoder import exact_value_projections, is_decoder, lower_attention
+from edgec.targets.cpu.decoder import exact_projections, is_decoder, lower_attention
 from edgec.targets.cpu.dynamic import lower_dynamic_matmuls
 from edgec.targets.cpu.matmulnbits import lower_int4_matmuls
 from edgec.targets.base import Lowered, NodePlacement, node_label
@@ -74,7 +74,7 @@ class CpuTarget:
         elif quant.get("mode") == "int4":
             lower_int4_matmuls(model, accuracy_level=_int4_level(quant))
         attention = lower_attention(model)
-        exact_values = exact_value_projections(model) if quant.get("mode") == "int4" else 0
+        exact = exact_projections(model) if quant.get("mode") == "int4" else 0
         unplaced = [p for p in self.placement(model) if p.device == "none"]
         if unplaced:
             p = unplaced[0]
@@ -99,9 +99,9 @@ class CpuTarget:
         if attention.get("shared_buffer"):  # the runtime binds one key/value buffer as past and present
             settings["kv_cache"] = "shared-buffer"
         notes = []
-        if exact_values:
-            notes.append(f"int4: the {exact_values} attention value projections run MatMulNBits at accuracy_level 0 "
-                         "(float activations); the other int4 MatMuls at the bundle's level")
+        if exact:
+            notes.append(f"int4: the {exact} attention value and MLP down projections run MatMulNBits at "
+                         "accuracy_level 0 (float activations); the other int4 MatMuls at the bundle's level")
         if quant.get("mode") == "fp16":
             slow = [op for op, ok in fp16_kernel_coverage(model).items() if not ok]
             if slow:

@@ -81,28 +81,50 @@ def lower_attention(model: ir.Model) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
-def exact_value_projections(model: ir.Model) -> int:
-    """Give the int4 MatMulNBits that computes each GroupQueryAttention's values accuracy_level 0.
+def exact_projections(model: ir.Model) -> int:
+    """Give the int4 MatMulNBits of the attention value projections and of the MLP down projections
+    accuracy_level 0 (float activations); returns the number of nodes changed.
 
-    Level 4 quantizes a MatMulNBits' input to int8 per block; on SmolLM2-135M that error, measured
-    per projection kind as the KL divergence from the float32 reference on the verification text,
-    is largest in the value projection (exact V cuts it by a third, 0.022 -> 0.015, and perplexity
-    from +4.9 % to +2.0 %), while V is 3 % of the 4-bit weights, so its exact kernel costs about 5 %
-    of a decode step. Exact query/key/output/MLP projections bought little more for their cost.
-    Returns the number of nodes changed.
+    Level 4 quantizes a MatMulNBits' input to int8 per block. On SmolLM2-135M, measured per
+    projection kind as the KL divergence from the float32 reference on the verification text (all
+    at level 4: 0.022), exact V gives 0.015 and exact V + down 0.011 (perplexity +4.9 % -> +2.6 %);
+    q/k/o/gate/up bought less. V alone is 3 % of a decode step but flipped the greedy answer to
+    the chat check (a near tie on the first token); V + down costs ~1.3x a decode step.
     """
     changed = 0
     for node in model.graph:
-        if node.op_type != "GroupQueryAttention" or len(node.inputs) < 3 or node.inputs[2] is None:
-            continue
-        producer = node.inputs[2].producer()
-        # Q4_1 weights are MatMulNBits + a block-offset MatMul, summed (see edgec.models.llama)
-        candidates = [producer] if producer is None or producer.op_type != "Add" else [i.producer() for i in producer.inputs]
-        for p in candidates:
-            if p is not None and p.op_type == "MatMulNBits" and p.attributes.get_int("accuracy_level", 0) > 1:
+        targets = []
+        if node.op_type == "GroupQueryAttention" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            targets = _matmulnbits_behind(node.inputs[2])  # the value projection
+        elif node.op_type == "MatMulNBits" and _is_swiglu(node.inputs[0]):
+            targets = [node]  # the MLP down projection
+        for p in targets:
+            if p.attributes.get_int("accuracy_level", 0) > 1:
                 p.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
                 changed += 1
     return changed
+
+
+def _matmulnbits_behind(value: ir.Value) -> list[ir.Node]:
+    """The MatMulNBits computing ``value``: itself, or the first term of a Q4_1 weight's
+    MatMulNBits + block-offset MatMul sum (see ``edgec.models.llama``)."""
+    producer = value.producer()
+    candidates = [producer] if producer is None or producer.op_type != "Add" else [i.producer() for i in producer.inputs]
+    return [p for p in candidates if p is not None and p.op_type == "MatMulNBits"]
+
+
+def _is_swiglu(value: ir.Value | None) -> bool:
+    """``value`` is Silu(gate) * up, with Silu written as gate * Sigmoid(gate)."""
+    product = value.producer() if value is not None else None
+    if product is None or product.op_type != "Mul":
+        return False
+    for factor in product.inputs:
+        silu = factor.producer() if factor is not None else None
+        if silu is not None and silu.op_type == "Mul" and any(
+            i is not None and i.producer() is not None and i.producer().op_type == "Sigmoid" for i in silu.inputs
+        ):
+            return True
+    return False
 
 
 def is_decoder(model: ir.Model) -> bool:
