@@ -428,6 +428,7 @@ def build_decoder(model: GGUFModel, *, weights: str = "float") -> onnx.ModelProt
         "model_name": model.name,
         "source": model.path.name,
         "weights": weights,
+        "context_length": str(hp.context_length),
         "weight_storage": json.dumps(_summarize(w.stored)),
         "builder_sha256": sha256_file(Path(__file__)),
     })

@@ -36,7 +36,7 @@ def logits_fn(model: Union[LogitsFn, object]) -> LogitsFn:
         return model.logits
     if isinstance(model, ort.InferenceSession):
         decoder = DecoderSession(model)
-        return lambda ids: decoder.prefill(list(ids), decoder.new_cache(), chunk=CHUNK, all_logits=True)
+        return lambda ids: decoder.prefill(list(ids), decoder.new_cache(len(ids)), chunk=CHUNK, all_logits=True)
     if callable(model):
         return model
     raise InputError(f"expected an LLM, an onnxruntime session or a logits function, not {type(model).__name__}")

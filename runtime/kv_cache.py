@@ -9,13 +9,17 @@ through ORT's IOBinding:
     present.*          -> OrtValues ORT allocates; they become the next step's past
     logits             -> decode steps write straight into a preallocated numpy buffer
 
-A cache is anything with ``length``, ``bind(io, new_tokens)`` and ``update(outputs, new_tokens)``.
-``DynamicCache`` is the concat-style cache the graphs above need (the cache grows by one position per
-step, ORT allocates it). A preallocated ``StaticCache`` for graphs whose attention is
-GroupQueryAttention with a shared past/present buffer (onnxruntime-genai's
-``past_present_share_buffer``) slots in here: it binds one buffer of [1, kv_heads, max_length,
-head_dim] per tensor as both past and present, a fixed-length attention mask, and updates ``length``
-only, so nothing is allocated or copied per token.
+A cache is anything with ``length``, ``bind(io, new_tokens)`` and ``update(outputs, new_tokens)``:
+
+    DynamicCache  the concat-style cache of plain optimum graphs: present = Concat(past, new) is one
+                  position longer each step, allocated by ORT, and becomes the next step's past.
+    StaticCache   for graphs whose attention is GroupQueryAttention (what the cpu target lowers
+                  decoders to, see ``edgec.targets.cpu.decoder``): one preallocated buffer of
+                  [1, kv_heads, max_length, head_dim] per tensor is bound as both past and present
+                  (onnxruntime-genai's ``past_present_share_buffer``); GQA writes the new positions
+                  in place, so a step allocates and copies nothing but ``length`` grows.
+
+A bundle's runtime settings say which one its graph takes (``"kv_cache": "shared-buffer"``).
 """
 
 from __future__ import annotations
@@ -66,14 +70,50 @@ class DynamicCache:
         self.length += new_tokens
 
 
+class StaticCache:
+    """One [1, kv_heads, max_length, head_dim] buffer per cache tensor, bound as past and present alike.
+
+    Sized once per generation (prompt + tokens to generate), so memory follows the request rather
+    than the model's whole context.
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]], kv_heads: int, head_dim: int, dtype: type,
+                 max_length: int) -> None:
+        self.pairs = pairs
+        self.length = 0
+        self.max_length = max_length
+        # numpy owns the memory (OrtValues borrow it): freed with the cache, where buffers from ORT's
+        # allocator would stay in its arena and grow it with every differently sized generation.
+        self._arrays = [np.zeros((1, kv_heads, max_length, head_dim), dtype) for _ in pairs]
+        self.buffers = {past: ort.OrtValue.ortvalue_from_numpy(a) for (past, _), a in zip(pairs, self._arrays)}
+        self._mask = np.ones((1, max_length), np.int64)
+
+    def bind(self, io: ort.IOBinding, new_tokens: int) -> list[str]:
+        total = self.length + new_tokens
+        if total > self.max_length:
+            raise InputError(f"{total} positions do not fit the key/value cache of {self.max_length}; "
+                             "start a new cache sized for the whole generation")
+        for past, present in self.pairs:
+            io.bind_ortvalue_input(past, self.buffers[past])
+            io.bind_ortvalue_output(present, self.buffers[past])
+        io.bind_cpu_input("attention_mask", self._mask[:, :total])
+        return [present for _, present in self.pairs]
+
+    def update(self, outputs: dict[str, ort.OrtValue], new_tokens: int) -> None:
+        del outputs  # GroupQueryAttention wrote the new positions into the shared buffers
+        self.length += new_tokens
+
+
 class DecoderSession:
     """An ORT session of a decoder, run chunk by chunk with the cache bound through IOBinding.
 
     Not thread-safe: callers serialize (``LLM`` holds a lock); each generation uses its own cache.
     """
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, *, shared_kv: bool = False) -> None:
+        """``shared_kv``: the graph's attention takes one buffer as past and present (``StaticCache``)."""
         self.session = session
+        self.shared_kv = shared_kv
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         missing = [n for n in ("input_ids",) if n not in inputs] + [n for n in ("logits",) if n not in outputs]
@@ -118,7 +158,10 @@ class DecoderSession:
     def layers(self) -> int:
         return len(self.pairs) // 2
 
-    def new_cache(self) -> DynamicCache:
+    def new_cache(self, max_length: int) -> KVCache:
+        """An empty cache for a generation of at most ``max_length`` positions (prompt included)."""
+        if self.shared_kv:
+            return StaticCache(self.pairs, self.kv_heads, self.head_dim, self.kv_dtype, max_length)
         return DynamicCache(self.pairs, self.kv_heads, self.head_dim, self.kv_dtype)
 
     def cache_bytes_per_token(self) -> int:
@@ -130,7 +173,8 @@ class DecoderSession:
         ([n, vocab]) else of the last one ([vocab]), as float32.
 
         ``logits_out``, a C-contiguous [1, n, vocab] array of the logits' dtype, receives the logits
-        without a copy (decode steps reuse one buffer).
+        (decode steps reuse one buffer). Otherwise ORT writes them into a numpy array made here, so
+        a prefill chunk's [n, vocab] logits exist once, not also in ORT's arena.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
@@ -139,6 +183,9 @@ class DecoderSession:
         if self.has_positions:
             io.bind_cpu_input("position_ids", np.arange(cache.length, cache.length + n, dtype=np.int64)[None])
         names = cache.bind(io, n)
+        given = logits_out
+        if logits_out is None and self.vocab is not None:
+            logits_out = np.empty((1, n, self.vocab), self.logits_dtype)
         if logits_out is not None:
             io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits_out))
         else:
@@ -152,7 +199,7 @@ class DecoderSession:
         cache.update(bound, n)
         logits = logits_out if logits_out is not None else bound["logits"].numpy()
         logits = logits[0] if all_logits else logits[0, -1]
-        return logits.astype(np.float32, copy=logits_out is not None or not all_logits)
+        return logits.astype(np.float32, copy=given is not None or not all_logits)
 
     def prefill(self, ids: Sequence[int], cache: KVCache, *, chunk: int, all_logits: bool = False,
                 stop: Callable[[], bool] | None = None) -> np.ndarray | None:

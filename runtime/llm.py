@@ -150,7 +150,7 @@ class LLM:
         session = ort_backend.create_session(self.model_path, settings or ort_backend.DEFAULT_SETTINGS,
                                              artifact_sha256=artifact_sha256, cache=cache)
         self.load_seconds = time.perf_counter() - start
-        self.decoder = DecoderSession(session)
+        self.decoder = DecoderSession(session, shared_kv=(settings or {}).get("kv_cache") == "shared-buffer")
         vocab = self.decoder.vocab or self.generation.get("vocab_size") or self.tokenizer.get_vocab_size(True)
         self.vocab_size = int(vocab)
         self._template = None
@@ -311,7 +311,7 @@ class LLM:
         if len(ids) > self.context_length:
             raise InputError(f"{len(ids)} tokens exceed the context length {self.context_length}")
         with self._lock:
-            return self.decoder.prefill(ids, self.decoder.new_cache(), chunk=PREFILL_CHUNK, all_logits=True)
+            return self.decoder.prefill(ids, self.decoder.new_cache(len(ids)), chunk=PREFILL_CHUNK, all_logits=True)
 
     def close(self) -> None:
         with self._lock:
@@ -404,7 +404,7 @@ class LLM:
         decoder, params, ids = self.decoder, request.params, request.prompt_ids
         eos = set(self.eos_token_ids)
         sampler = Sampler(params)
-        cache = decoder.new_cache()
+        cache = decoder.new_cache(len(ids) + params.max_tokens)
         timings = Timings()
         tokens: list[int] = []
         text = _StopText(params.stop)

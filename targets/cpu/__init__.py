@@ -18,6 +18,7 @@ from edgec.compiler.passes import DEFAULT_PASSES
 from edgec.compiler.quantize.fp16 import fp16_kernel_coverage, has_fp16_cpu_kernel, reads_or_writes_fp16
 from edgec.errors import UnsupportedOpError
 from edgec.runtime import ort as ort_backend
+from edgec.targets.cpu.decoder import exact_projections, is_decoder, lower_attention
 from edgec.targets.cpu.dynamic import lower_dynamic_matmuls
 from edgec.targets.cpu.gather import lower_quantized_gathers
 from edgec.targets.cpu.matmulnbits import lower_int4_matmuls
@@ -78,6 +79,8 @@ class CpuTarget:
         if "int4" in used:
             lower_int4_matmuls(model, accuracy_level=_int4_level(quant))
         lower_quantized_gathers(model)
+        attention = lower_attention(model)
+        exact = exact_projections(model) if "int4" in used else 0
         unplaced = [p for p in self.placement(model) if p.device == "none"]
         if unplaced:
             p = unplaced[0]
@@ -86,7 +89,8 @@ class CpuTarget:
         artifact = out_dir / "model.onnx"
         files = ["model.onnx"]
         proto = ir.serde.serialize_model(model)
-        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        # A decoder's weights go beside the graph too: ORT memory-maps them instead of copying them in.
+        if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD or is_decoder(model):
             ir.save(model, artifact, external_data="model.onnx.data")
             files.append("model.onnx.data")
         else:
@@ -98,7 +102,12 @@ class CpuTarget:
         settings = {"backend": "onnxruntime", **ort_backend.DEFAULT_SETTINGS}
         if "int4" in used:  # also for the int4/int8 weights ORT fuses into MatMulNBits itself at load
             settings["config"] = {"session.qdq_matmulnbits_accuracy_level": _int4_level(quant)}
+        if attention.get("shared_buffer"):  # the runtime binds one key/value buffer as past and present
+            settings["kv_cache"] = "shared-buffer"
         notes = []
+        if exact:
+            notes.append(f"int4: the {exact} attention value and MLP down projections run MatMulNBits at "
+                         "accuracy_level 0 (float activations); the other int4 MatMuls at the bundle's level")
         if quant.get("mode") == "fp16":
             slow = [op for op, ok in fp16_kernel_coverage(model).items() if not ok]
             if slow:

@@ -661,6 +661,32 @@ def test_compile_gguf_into_a_decoder_bundle(tmp_path, quantize):
         assert "com.microsoft::MatMulNBits" in ops
 
 
+def test_cpu_bundle_runs_group_query_attention_on_a_shared_cache(tmp_path):
+    """The cpu target lowers attention to GroupQueryAttention; its StaticCache (one buffer bound as
+    past and present) gives the plain graph's logits, prompt in chunks and step by step."""
+    import edgec
+    from edgec.runtime.kv_cache import DecoderSession, DynamicCache, StaticCache
+
+    gguf_file = write_tiny_llama(tmp_path / "tiny.gguf")
+    bundle = edgec.compile(gguf_file, "cpu", tmp_path / "lm.edgec")
+    assert bundle.manifest["runtime"]["kv_cache"] == "shared-buffer"
+    assert "model.onnx.data" in bundle.manifest["files"]  # weights memory-mapped, not copied into ORT's heap
+    ops = [p["op"] for p in json.loads((bundle.path / "reports" / "placement.json").read_text())]
+    assert ops.count("com.microsoft::GroupQueryAttention") == TINY["layers"] and "Softmax" not in ops
+    plain = DecoderSession(session(llama.import_gguf(gguf_file, tmp_path / "import") / "model.onnx"))
+    with edgec.load(bundle.path) as lm:
+        fused = lm.decoder
+        cache, reference = fused.new_cache(len(TINY_IDS) + 3), plain.new_cache(len(TINY_IDS) + 3)
+        assert isinstance(cache, StaticCache) and isinstance(reference, DynamicCache)
+        np.testing.assert_allclose(fused.prefill(TINY_IDS, cache, chunk=5, all_logits=True),
+                                   plain.prefill(TINY_IDS, reference, chunk=5, all_logits=True), atol=1e-4)
+        for token in (3, 50, 7):
+            np.testing.assert_allclose(fused.forward([token], cache), plain.forward([token], reference), atol=1e-4)
+        with pytest.raises(InputError, match="do not fit the key/value cache of 15"):
+            fused.forward([1], cache)
+        assert lm.generate(TINY_IDS, max_tokens=4).completion_tokens >= 1
+
+
 def test_cli_generation_commands(tmp_path):
     """run --prompt, chat and bench on a decoder bundle (tiny random weights: plumbing, not quality)."""
     from click.testing import CliRunner
@@ -691,16 +717,20 @@ def test_smollm2_int4_bundle_against_its_float_reference(tmp_path):
     """The real int4 bundle, verified against the float32 import of the same GGUF weights.
 
     ORT's MatMulNBits quantizes activations to int8 inside the kernel (accuracy_level 4, ~10x faster
-    decode than exact float accumulation here); that costs ~8 % perplexity on the verification text,
-    more than the 5 % the LLM issue aims for. This guards against it getting worse.
+    decode than exact float accumulation here). The attention value and MLP down projections run
+    exact, which keeps the perplexity on the verification text within the LLM issue's 5 % (+2.6 %
+    measured; +8.0 % with every projection at level 4 and the unfused attention).
     """
     import edgec
 
     bundle = edgec.compile(llama.smollm2_path(), "cpu", tmp_path / "smol.edgec", quantize="int4")
-    v = bundle.manifest["verification"]
+    m = bundle.manifest
+    v = m["verification"]
     assert v["reference"] == "float32 import of the same GGUF weights"
     assert v["outputs"]["logits"]["top1"] >= 0.85
-    assert v["perplexity"]["artifact"] <= 1.10 * v["perplexity"]["source"]
+    assert v["perplexity"]["artifact"] <= 1.05 * v["perplexity"]["source"]
+    assert m["runtime"]["kv_cache"] == "shared-buffer"
+    assert any("60 attention value and MLP down projections run MatMulNBits at accuracy_level 0" in n for n in m["notes"])
     with edgec.load(bundle.path) as model:
         answer = model.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=16).text
     assert "Paris" in answer

@@ -3,7 +3,9 @@
 Prefill and decode tokens/s, time to first token, peak RSS per side in a fresh process. Greedy, same
 prompt token ids (real text from pydoc_data.topics), same number of tokens, same threads.
 llama.cpp runs only when llama-cpp-python is installed (`pip install llama-cpp-python` compiles it).
-Usage: python tools/bench/llm.py [--prompt-tokens 128] [--gen-tokens 128] [--threads 2] [--repeats 3]
+The sides take turns, one fresh process each per round (a warm-up generation, then a measured one),
+so load on a shared machine hits them alike; figures are medians over rounds, ratios are per round.
+Usage: python tools/bench/llm.py [--prompt-tokens 128] [--gen-tokens 128] [--threads 2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     import edgec
     from pydoc_data.topics import topics
@@ -96,18 +98,26 @@ def main() -> None:
     except ImportError:
         print("llama-cpp-python is not installed: llama.cpp is left out\n")
     weight_mb = {name: sum(f.stat().st_size for f in b.glob("model.onnx*")) / 1e6 for name, b in bundles.items()}
+    runs = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, (kind, path) in sides.items():
+            out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), str(ids_file), str(args.gen_tokens),
+                                  str(args.threads), "1"], capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"SmolLM2-135M-Instruct; prompt {len(ids)} tokens, {args.gen_tokens} generated, greedy, {args.threads} threads, "
-          f"median of {args.repeats}; {os.cpu_count()} cores; each side in its own process\n")
-    print("| side | prefill tok/s | decode tok/s | time to first token ms | peak RSS MB | same tokens as edgec float |")
-    print("|---|---|---|---|---|---|")
-    reference = None
-    for name, (kind, path) in sides.items():
-        out = subprocess.run([sys.executable, __file__, "--child", kind, str(path), str(ids_file), str(args.gen_tokens),
-                              str(args.threads), str(args.repeats)], capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        reference = reference or r["tokens"]
-        same = next((i for i, (a, b) in enumerate(zip(r["tokens"], reference)) if a != b), len(r["tokens"]))
-        print(f"| {name} | {r['prefill']:.0f} | {r['decode']:.1f} | {r['ttft_ms']:.0f} | {r['rss_mb']:.0f} | first {same}/{len(r['tokens'])} |", flush=True)
+          f"median of {args.rounds} interleaved rounds; {os.cpu_count()} cores; each side in its own process\n")
+    base = "llama.cpp Q4_1" if "llama.cpp Q4_1" in runs else None
+    ratio = lambda name, key: statistics.median(r[key] / b[key] for r, b in zip(runs[name], runs[base]))  # noqa: E731
+    print("| side | prefill tok/s | decode tok/s | time to first token ms | peak RSS MB | same tokens as edgec float |"
+          + (" prefill / llama.cpp | decode / llama.cpp |" if base else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if base else ""))
+    reference = runs["edgec float"][0]["tokens"]
+    for name, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("prefill", "decode", "ttft_ms", "rss_mb")}
+        tokens = rs[0]["tokens"]
+        same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(tokens))
+        print(f"| {name} | {med['prefill']:.0f} | {med['decode']:.1f} | {med['ttft_ms']:.0f} | {med['rss_mb']:.0f} "
+              f"| first {same}/{len(tokens)} |" + (f" {ratio(name, 'prefill'):.2f} | {ratio(name, 'decode'):.2f} |" if base else ""))
     print(f"\nweights on disk: float {weight_mb['float']:.0f} MB, int4 {weight_mb['int4']:.0f} MB")
 
 
