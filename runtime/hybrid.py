@@ -372,6 +372,7 @@ class _Run:
             sent = {"prompt": clean(req.prompt) + prefix}
             hybrid._audit(req, "handoff" if prefix else "request", sent)
             stream = cloud.generate(sent["prompt"], params, stream=True, cancel=req.cancel, timeout=timeout)
+        restore = privacy.Restorer(placeholders)
         pieces = 0  # counted as tokens until the cloud's usage says how many there were
         try:
             for chunk in stream:
@@ -379,12 +380,13 @@ class _Run:
                     if chunk.usage is not None and chunk.usage.completion_tokens:
                         self.completion_tokens += chunk.usage.completion_tokens - pieces
                     hybrid._spend(req, chunk.usage)
-                    if chunk.text:
-                        yield self._piece(chunk.text)
+                    text = restore.push(chunk.text) + restore.flush()
+                    if text:
+                        yield self._piece(text)
                     return chunk.finish_reason
                 pieces += 1
                 self.completion_tokens += 1
-                yield self._piece(chunk.text)
+                yield self._piece(restore.push(chunk.text))
         except CloudError:
             hybrid._spend(req, None)
             raise

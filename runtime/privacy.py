@@ -104,3 +104,26 @@ def redact(text: str, kinds: tuple[str, ...] | list[str] = KINDS,
         last = f.end
     out.append(text[last:])
     return "".join(out), mapping
+
+
+class Restorer:
+    """Puts the original values back where a redacted request's answer repeats a placeholder, as it
+    streams: the values never left the device, so the user reads them, the cloud never did. A piece
+    that ends inside a placeholder (``... [EMA``) is held until the rest arrives."""
+
+    def __init__(self, placeholders: dict[str, str]) -> None:
+        self.placeholders = placeholders
+        self._held = ""
+
+    def push(self, text: str) -> str:
+        text, self._held = self._held + text, ""
+        cut = text.rfind("[")
+        if cut != -1 and any(p.startswith(text[cut:]) and p != text[cut:] for p in self.placeholders):
+            text, self._held = text[:cut], text[cut:]
+        for placeholder, value in self.placeholders.items():
+            text = text.replace(placeholder, value)
+        return text
+
+    def flush(self) -> str:
+        text, self._held = self._held, ""
+        return text

@@ -79,3 +79,14 @@ def smollm2_dirs(request) -> dict[str, Path]:
             stamp.write_text(key)
         dirs[weights] = out
     return dirs
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct compiled from its GGUF into the default int4 cpu bundle (once per session)."""
+    from edgec.models import llama
+
+    bundle = edgec.compile(llama.smollm2_path(), "cpu", tmp_path_factory.mktemp("smollm2") / "smol.edgec",
+                           quantize="int4")
+    bundle.close()
+    return bundle.path

@@ -713,7 +713,7 @@ def test_cli_generation_commands(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_int4_bundle_against_its_float_reference(tmp_path):
+def test_smollm2_int4_bundle_against_its_float_reference(smollm2_bundle):
     """The real int4 bundle, verified against the float32 import of the same GGUF weights.
 
     ORT's MatMulNBits quantizes activations to int8 inside the kernel (accuracy_level 4, ~10x faster
@@ -723,14 +723,13 @@ def test_smollm2_int4_bundle_against_its_float_reference(tmp_path):
     """
     import edgec
 
-    bundle = edgec.compile(llama.smollm2_path(), "cpu", tmp_path / "smol.edgec", quantize="int4")
-    m = bundle.manifest
+    m = json.loads((smollm2_bundle / "manifest.json").read_text())
     v = m["verification"]
     assert v["reference"] == "float32 import of the same GGUF weights"
     assert v["outputs"]["logits"]["top1"] >= 0.85
     assert v["perplexity"]["artifact"] <= 1.05 * v["perplexity"]["source"]
     assert m["runtime"]["kv_cache"] == "shared-buffer"
     assert any("60 attention value and MLP down projections run MatMulNBits at accuracy_level 0" in n for n in m["notes"])
-    with edgec.load(bundle.path) as model:
+    with edgec.load(smollm2_bundle) as model:
         answer = model.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=16).text
     assert "Paris" in answer

@@ -48,7 +48,7 @@ def _delta(text: str, finish: str | None = None) -> str:
 class FaultServer:
     """HTTP on a free 127.0.0.1 port; ``mode`` says how to answer, ``received`` holds every byte sent to it.
 
-    modes: ok, slow_first_byte, drip, 401, 404, 500, 429, reset_mid_stream, malformed_sse, wrong_json
+    modes: ok, placeholder, slow_first_byte, drip, 401, 404, 500, 429, reset_mid_stream, malformed_sse, wrong_json
     """
 
     def __init__(self) -> None:
@@ -98,6 +98,8 @@ class FaultServer:
         error = json.dumps({"error": {"message": "boom", "type": "server_error"}}).encode()
         if mode == "ok":
             send("200 OK", _sse(_delta("Paris"), _delta(" it is.", "stop"), "[DONE]"), "text/event-stream")
+        elif mode == "placeholder":  # repeats a redacted value's placeholder, split across two events
+            send("200 OK", _sse(_delta("Dear [EMA"), _delta("IL_1], hello!", "stop"), "[DONE]"), "text/event-stream")
         elif mode == "slow_first_byte":
             self.release.wait(10)
         elif mode == "drip":  # a byte at a time, each well within the read timeout, never finishing
@@ -141,31 +143,26 @@ def fault():
 
 
 @pytest.fixture(scope="module")
-def local(smollm2_dirs):
+def local(smollm2_bundle):
+    """The device: the compiled int4 bundle, held to a 1,024-token context so long prompts overflow it."""
+    from edgec.bundle import open_bundle
     from edgec.runtime.llm import LLM
 
-    llm = LLM.from_dir(smollm2_dirs["gguf-int4"], context_length=1024)
+    llm = LLM.from_bundle(open_bundle(smollm2_bundle), context_length=1024)
     yield llm
     llm.close()
 
 
-SERVE = """
-import sys
-from edgec.runtime.llm import LLM
-from edgec.runtime.server import serve
-serve({"smollm2-cloud": LLM.from_dir(sys.argv[1], context_length=2048)}, port=int(sys.argv[2]), log_level="warning")
-"""
-
-
 @pytest.fixture(scope="module")
-def cloud_url(smollm2_dirs):
-    """The same server ``edgec serve`` runs, in its own process, on a free port (2048-token context)."""
+def cloud_url(smollm2_bundle):
+    """``edgec serve`` on the same bundle, in its own process, on a free port."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, str(smollm2_dirs["gguf-int4"]), str(port)],
+    edgec_command = Path(sys.executable).with_name("edgec")
+    proc = subprocess.Popen([str(edgec_command), "serve", str(smollm2_bundle), "--port", str(port), "--name", "smollm2-cloud"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 120
@@ -292,6 +289,11 @@ def test_personal_data_and_local_only_never_reach_the_cloud(local, fault, tmp_pa
     record = json.loads(audit.read_text().splitlines()[-1])
     assert record["sent"]["messages"][0]["content"] == "Write a short greeting to [EMAIL_1]"
     assert "jane.doe" not in audit.read_text()
+    # the answer names the placeholder: the device puts the address back for the user, as it streams
+    fault.mode = "placeholder"
+    pieces = [c.text for c in redacting.chat(email, max_tokens=8, stream=True)]
+    assert "".join(pieces) == "Dear jane.doe@example.com, hello!" and not any("[EMA" in p for p in pieces)
+    assert bytes(fault.received).count(b"jane.doe") == 0
 
 
 def test_privacy_detector():
@@ -300,6 +302,9 @@ def test_privacy_detector():
     assert privacy.find("order 4111 1111 1111 1112 shipped in 2024") == []  # fails the Luhn check
     redacted, mapping = privacy.redact("a@b.io wrote to a@b.io and c@d.io")
     assert redacted == "[EMAIL_1] wrote to [EMAIL_1] and [EMAIL_2]" and mapping["[EMAIL_2]"] == "c@d.io"
+    restore = privacy.Restorer(mapping)
+    pieces = [restore.push(p) for p in ("Hi [", "EMAIL_2], [x] and [EMAIL_", "1]", " [EMAIL_")] + [restore.flush()]
+    assert pieces == ["Hi ", "c@d.io, [x] and ", "a@b.io", " ", "[EMAIL_"]  # an unfinished one is given as it is
 
 
 # --- capability, deadline, device, cost, from real signals ------------------------------------------------
@@ -483,3 +488,24 @@ def test_cli_routing_flags_need_policy_and_prompt(tmp_path):
                           (["--policy", "p.toml"], "need --prompt")):
         result = CliRunner().invoke(main, ["run", str(tmp_path / "none.edgec"), *args])
         assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.slow
+def test_cli_run_with_policy_explains_the_route(smollm2_bundle, cloud_url, tmp_path):
+    """`edgec run --policy --explain` on the real bundle: the cloud answers by default, and a local-only
+    request stays on the device; both say why."""
+    from click.testing import CliRunner
+
+    from edgec.cli import main
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[cloud]\nbase_url = "{cloud_url}"\nmodel = "smollm2-cloud"\n\n[route]\ndefault = "cloud"\n')
+    args = ["run", str(smollm2_bundle), "--policy", str(policy), "--prompt", "What is the capital of France?",
+            "--max-tokens", "16", "--explain"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output and "route: cloud" in result.output, result.output
+    result = CliRunner().invoke(main, [*args, "--local-only", "--json"])
+    assert result.exit_code == 0, result.output
+    done = json.loads(result.output)
+    assert done["route"] == "local" and done["reasons"][0]["code"] == "local_only"
