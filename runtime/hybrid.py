@@ -313,7 +313,7 @@ class _Run:
             return "length"
         params = SamplingParams(**{**vars(req.params), "max_tokens": min(remaining, room)})
         window: deque[float] = deque(maxlen=conf.window)
-        stream = local.generate(prompt, params, stream=True, cancel=req.cancel)
+        stream = local.generate(prompt, params, stream=True, cancel=req.cancel, probabilities=watch)
         produced = 0
         try:
             for chunk in stream:

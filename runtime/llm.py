@@ -93,8 +93,9 @@ class Chunk:
     """One piece of a stream: usually one token. ``text`` may be empty while a character is incomplete or
     while text might be the start of a stop string. The last chunk has ``finish_reason``, ``usage`` and
     ``timings``; its ``token_id`` is the token that ended the stream, or ``None`` when cancelled.
-    ``probability`` is the model's own probability of ``token_id`` (softmax of the raw logits, before
-    sampling settings), the uncertainty signal a routing policy watches."""
+    ``probability`` (when the call asked for ``probabilities=True``) is the model's own probability of
+    ``token_id`` (softmax of the raw logits, before sampling settings), the uncertainty signal a routing
+    policy watches; it costs a softmax over the vocabulary per token, so it is off by default."""
 
     text: str
     token_id: int | None
@@ -112,6 +113,7 @@ class _Request:
     params: SamplingParams
     cancel: threading.Event | None
     start: float  #: when the call began (for time to first token)
+    probabilities: bool = False  #: give each chunk its token's probability
 
 
 class LLM:
@@ -268,7 +270,7 @@ class LLM:
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, *, stream: bool = False,
                  cancel: threading.Event | None = None, truncate: Literal["error", "left"] = "error",
-                 **overrides: Any) -> Completion | Iterator[Chunk]:
+                 probabilities: bool = False, **overrides: Any) -> Completion | Iterator[Chunk]:
         """Continue ``prompt`` (text, or token ids used as they are).
 
         Sampling comes from ``params`` (default ``SamplingParams()``: greedy, 256 tokens) with
@@ -286,7 +288,7 @@ class LLM:
         ``Completion``. Calls from several threads run one at a time (see the module docstring).
         """
         start = time.perf_counter()
-        request = self._request(prompt, params, overrides, cancel, truncate, start)
+        request = self._request(prompt, params, overrides, cancel, truncate, start, probabilities)
         chunks = self._run(request)
         if stream:
             return chunks
@@ -294,14 +296,15 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *, stream: bool = False,
              add_generation_prompt: bool = True, cancel: threading.Event | None = None,
-             truncate: Literal["error", "left"] = "error", **overrides: Any) -> Completion | Iterator[Chunk]:
+             truncate: Literal["error", "left"] = "error", probabilities: bool = False,
+             **overrides: Any) -> Completion | Iterator[Chunk]:
         """Render ``messages`` ([{"role": ..., "content": ...}, ...]) with the chat template, then
         ``generate`` from it; same options and results as ``generate``."""
         start = time.perf_counter()
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         # The template writes BOS itself where the model wants one: no post-processor tokens.
         ids = self.encode(text, add_special_tokens=False)
-        request = self._request(ids, params, overrides, cancel, truncate, start)
+        request = self._request(ids, params, overrides, cancel, truncate, start, probabilities)
         chunks = self._run(request)
         return chunks if stream else _collect(chunks, request)
 
@@ -338,7 +341,7 @@ class LLM:
         return [int(i) for i in arr]
 
     def _request(self, prompt: str | list[int], params: SamplingParams | None, overrides: dict,
-                 cancel: threading.Event | None, truncate: str, start: float) -> _Request:
+                 cancel: threading.Event | None, truncate: str, start: float, probabilities: bool = False) -> _Request:
         if params is not None and not isinstance(params, SamplingParams):
             raise InputError(f"params must be a SamplingParams, not {type(params).__name__}")
         params = (params or SamplingParams()).with_overrides(**overrides).validate()
@@ -366,7 +369,7 @@ class LLM:
                     + (", or pass truncate='left' to drop the oldest prompt tokens" if room >= 1 else "")
                 )
             ids = ids[len(ids) - room:]
-        return _Request(ids, params, cancel, start)
+        return _Request(ids, params, cancel, start, probabilities)
 
     def _run(self, request: _Request) -> Iterator[Chunk]:
         """The stream: holds the lock from the first ``next()`` until the last chunk or ``close()``.
@@ -447,7 +450,7 @@ class LLM:
             if len(tokens) >= params.max_tokens:
                 yield final(piece + text.flush(), token, "length")
                 return
-            yield Chunk(piece, token, probability=_probability(logits, token))
+            yield Chunk(piece, token, probability=_probability(logits, token) if request.probabilities else None)
             if cancelled():
                 yield final(text.flush(), None, "cancelled")
                 return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from edgec.errors import InputError
@@ -102,6 +103,23 @@ def test_streaming_matches_non_streaming(llm):
     assert last.finish_reason == whole.finish_reason and last.usage.completion_tokens == whole.completion_tokens
     # Token ids as the prompt: the same as the text.
     assert llm.generate(llm.encode(PROMPT), max_tokens=24).tokens == whole.tokens
+
+
+
+@pytest.mark.slow
+def test_token_probabilities_on_request(llm_float):
+    """probabilities=True: each chunk's probability is softmax(logits)[token] of a teacher-forced pass
+    (float weights: int4 kernels quantize activations per call shape, which moves them by a few %);
+    off by default (it costs a softmax over the vocabulary per token)."""
+    llm = llm_float
+    assert all(c.probability is None for c in llm.generate(PROMPT, max_tokens=4, stream=True))
+    chunks = [c for c in llm.generate(PROMPT, max_tokens=4, stream=True, probabilities=True) if c.finish_reason is None]
+    ids = llm.encode(PROMPT)
+    logits = llm.logits(ids + [c.token_id for c in chunks]).astype(np.float64)
+    for step, chunk in enumerate(chunks):
+        row = logits[len(ids) - 1 + step]
+        expected = np.exp(row[chunk.token_id] - row.max()) / np.exp(row - row.max()).sum()
+        assert chunk.probability == pytest.approx(expected, rel=1e-3)
 
 
 @pytest.mark.slow
